@@ -1,0 +1,144 @@
+"""Configurations of the CLIP-MoE towers and of the two-tower CLIP-MoE model.
+
+The configs extend transformers' CLIP configs with the fields of a sparse FFN block. They keep the CLIP
+vocabulary (`hidden_size`, `num_hidden_layers`, ...) and add the MoE fields under the names that the CLIP-MoE,
+Mixtral and Switch/V-MoE code bases use:
+
+- ``num_experts`` (E) and ``top_k`` (k): experts per MoE layer and experts each token is sent to;
+- ``moe_layers``: which encoder layers (0-based) are MoE; ``None`` means every layer (the CLIP-MoE default);
+- ``norm_topk_prob``: renormalise the k selected router probabilities to sum to one (CLIP-MoE, Mixtral) or
+  use the raw softmax gates as combine weights (V-MoE, LIMoE);
+- ``router_jitter_noise``: standard deviation of Gaussian noise added to the router logits in training
+  (V-MoE uses 1/E); 0 disables it;
+- ``expert_dropout``: dropout between the expert's activation and its output projection (CLIP-MoE: 0.1);
+- ``capacity_factor`` and ``batch_priority_routing``: V-MoE style expert capacity
+  ``ceil(k * tokens * capacity_factor / E)`` with token dropping, optionally filled in order of the tokens'
+  top-1 gate value (batch priority routing); ``None`` keeps every token;
+- ``router_aux_loss_coef`` and ``router_z_loss_coef``: weights of the load-balancing and router z-losses that
+  `CLIPMoEModel` adds to its ``aux_loss`` output.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+__all__ = ["CLIPMoEConfig", "CLIPMoETextConfig", "CLIPMoEVisionConfig", "MOE_CONFIG_FIELDS"]
+
+# The MoE fields shared by both towers, with their defaults. Kept in one place so that the two tower configs,
+# the CLI and the tests agree on the set.
+MOE_CONFIG_FIELDS: dict[str, object] = {
+    "num_experts": 4,
+    "top_k": 2,
+    "moe_layers": None,
+    "norm_topk_prob": True,
+    "router_jitter_noise": 0.0,
+    "expert_dropout": 0.0,
+    "capacity_factor": None,
+    "batch_priority_routing": False,
+    "router_aux_loss_coef": 0.01,
+    "router_z_loss_coef": 0.0,
+}
+
+
+def _validate_moe_fields(config) -> None:
+    """Checks the MoE fields of a tower config; raises ValueError naming the field at fault."""
+    name = type(config).__name__
+    if config.num_experts < 1:
+        raise ValueError(f"{name}.num_experts must be >= 1, got {config.num_experts}")
+    if not 1 <= config.top_k <= config.num_experts:
+        raise ValueError(
+            f"{name}.top_k must be between 1 and num_experts={config.num_experts}, got {config.top_k}"
+        )
+    if config.moe_layers is not None:
+        layers = list(config.moe_layers)
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < config.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"{name}.moe_layers has indices outside range({config.num_hidden_layers}): {bad}"
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"{name}.moe_layers has duplicate indices: {layers}")
+    if config.capacity_factor is not None and config.capacity_factor <= 0:
+        raise ValueError(f"{name}.capacity_factor must be > 0 or None, got {config.capacity_factor}")
+    if not 0.0 <= config.expert_dropout < 1.0:
+        raise ValueError(f"{name}.expert_dropout must be in [0, 1), got {config.expert_dropout}")
+    for field in ("router_jitter_noise", "router_aux_loss_coef", "router_z_loss_coef"):
+        if getattr(config, field) < 0:
+            raise ValueError(f"{name}.{field} must be >= 0, got {getattr(config, field)}")
+
+
+class _MoETowerMixin:
+    """Helpers shared by the two tower configs (not a config itself)."""
+
+    def moe_layer_indices(self) -> list[int]:
+        """The sorted indices of the MoE layers of this tower."""
+        if self.moe_layers is None:
+            return list(range(self.num_hidden_layers))
+        return sorted(int(i) for i in self.moe_layers)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index in self.moe_layer_indices()
+
+
+@strict
+class CLIPMoEVisionConfig(_MoETowerMixin, CLIPVisionConfig):
+    """`CLIPVisionConfig` plus the MoE fields (see the module docstring)."""
+
+    model_type = "clip_moe_vision_model"
+    base_config_key = "vision_config"
+
+    num_experts: int = 4
+    top_k: int = 2
+    moe_layers: list[int] | None = None
+    norm_topk_prob: bool = True
+    router_jitter_noise: float = 0.0
+    expert_dropout: float = 0.0
+    capacity_factor: float | None = None
+    batch_priority_routing: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        _validate_moe_fields(self)
+
+
+@strict
+class CLIPMoETextConfig(_MoETowerMixin, CLIPTextConfig):
+    """`CLIPTextConfig` plus the MoE fields (see the module docstring)."""
+
+    model_type = "clip_moe_text_model"
+    base_config_key = "text_config"
+
+    num_experts: int = 4
+    top_k: int = 2
+    moe_layers: list[int] | None = None
+    norm_topk_prob: bool = True
+    router_jitter_noise: float = 0.0
+    expert_dropout: float = 0.0
+    capacity_factor: float | None = None
+    batch_priority_routing: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        _validate_moe_fields(self)
+
+
+@strict
+class CLIPMoEConfig(CLIPConfig):
+    """Two-tower CLIP-MoE config.
+
+    ``upcycling_info`` records where the checkpoint came from (source model, format, recipe, data, steps), so
+    that a folder describes itself.
+    """
+
+    model_type = "clip_moe"
+    sub_configs_defaults = {
+        "vision_config": CLIPMoEVisionConfig,
+        "text_config": CLIPMoETextConfig,
+    }
+
+    upcycling_info: dict | None = None

@@ -1,0 +1,300 @@
+"""CLIP-MoE models: transformers' CLIP with sparse MoE FFNs in chosen encoder layers.
+
+The classes subclass transformers' CLIP classes and replace only ``encoder.layers[i].mlp`` by
+`CLIPMoESparseBlock`, so every dense key keeps its name and meaning; an MoE layer's keys are
+``...layers.{i}.mlp.gate.weight`` and ``...layers.{i}.mlp.experts.{fc1,fc2}_{weight,bias}``.
+
+- `CLIPMoEVisionModel`: a drop-in for ``CLIPVisionModel`` (``last_hidden_state``, ``pooler_output``,
+  ``hidden_states`` selectable by index as transformers' LLaVA asks for them), plus ``router_logits`` when called
+  with ``output_router_logits=True``. It is the vision tower of ``LlavaForConditionalGeneration`` when the LLaVA
+  config's ``vision_config`` is a `CLIPMoEVisionConfig`.
+- `CLIPMoETextModel`: the same for ``CLIPTextModel``.
+- `CLIPMoEModel`: both towers and the projections; ``get_image_features``/``get_text_features``, similarity
+  logits, and on its output the router logits of each tower and ``aux_loss`` (each tower's load-balancing and
+  z-loss weighted by its config's coefficients).
+
+Router logits are recorded with transformers' output capturing (hooks on `CLIPMoERouter`), the mechanism its
+own MoE models use, so no module keeps state between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoder,
+    CLIPEncoderLayer,
+    CLIPModel,
+    CLIPOutput,
+    CLIPPreTrainedModel,
+    CLIPTextEmbeddings,
+    CLIPTextModel,
+    CLIPVisionEmbeddings,
+    CLIPVisionModel,
+    image_text_contrastive_loss,
+)
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .checkpoint import check_shapes, safetensors_shapes
+from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .losses import load_balancing_loss, router_z_loss
+from .moe import CLIPMoEExperts, CLIPMoERouter, CLIPMoESparseBlock
+
+__all__ = [
+    "CLIPMoEModel",
+    "CLIPMoEOutput",
+    "CLIPMoEPreTrainedModel",
+    "CLIPMoETextModel",
+    "CLIPMoETowerOutput",
+    "CLIPMoEVisionModel",
+    "tower_aux_loss",
+]
+
+
+@dataclass
+class CLIPMoETowerOutput(BaseModelOutputWithPooling):
+    """``BaseModelOutputWithPooling`` plus ``router_logits``: one (batch*seq, num_experts) tensor per MoE layer,
+    present when the tower is called with ``output_router_logits=True``."""
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CLIPMoEOutput(CLIPOutput):
+    """``CLIPOutput`` plus the routers' outputs of both towers.
+
+    ``aux_loss`` is the weighted sum of the towers' load-balancing and z-losses (see `tower_aux_loss`);
+    ``loss`` (with ``return_loss=True``) is the contrastive loss plus ``aux_loss``.
+    """
+
+    aux_loss: torch.Tensor | None = None
+    image_router_logits: tuple[torch.Tensor, ...] | None = None
+    text_router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class CLIPMoEEncoderLayer(CLIPEncoderLayer):
+    """A CLIP encoder layer whose MLP is sparse when ``layer_idx`` is one of the config's MoE layers."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+        if config.is_moe_layer(layer_idx):
+            self.mlp = CLIPMoESparseBlock(config)
+
+
+class CLIPMoEEncoder(CLIPEncoder):
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layers = nn.ModuleList([CLIPMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+
+class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
+    """Weight init and output capture shared by the CLIP-MoE models."""
+
+    config: CLIPMoEConfig
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPMoEEncoderLayer", "CLIPVisionEmbeddings"]
+    _can_record_outputs = {
+        "hidden_states": CLIPEncoderLayer,
+        "attentions": CLIPAttention,
+        "router_logits": OutputRecorder(CLIPMoERouter, index=0),
+    }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained``; a local folder is first checked against its config, so that an expert
+        count or shape that disagrees fails with `CheckpointMismatchError` naming the key (transformers would
+        only log a report and raise a generic error)."""
+        path = Path(str(pretrained_model_name_or_path))
+        if path.is_dir() and not kwargs.get("ignore_mismatched_sizes"):
+            found = safetensors_shapes(path)
+            if found is not None:
+                config = kwargs.get("config")
+                if not isinstance(config, PreTrainedConfig):
+                    config = cls.config_class.from_pretrained(path)
+                with torch.device("meta"):
+                    expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+                check_shapes(expected, {k: v for k, v in found.items() if k in expected or "mlp" in k},
+                             source=str(path / "model.safetensors"), require_all=False)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        if isinstance(module, CLIPMoERouter):
+            init.normal_(module.weight, std=self.config.initializer_range * factor)
+        elif isinstance(module, CLIPMoEExperts):
+            cfg = self._tower_config_of(module)
+            fc1_std = (2 * cfg.hidden_size) ** -0.5 * factor  # as transformers' CLIPMLP
+            fc2_std = (cfg.hidden_size**-0.5) * ((2 * cfg.num_hidden_layers) ** -0.5) * factor
+            init.normal_(module.fc1_weight, std=fc1_std)
+            init.normal_(module.fc2_weight, std=fc2_std)
+            init.zeros_(module.fc1_bias)
+            init.zeros_(module.fc2_bias)
+
+    def _tower_config_of(self, module: nn.Module):
+        if isinstance(self.config, CLIPMoEConfig):
+            for tower in (getattr(self, "vision_model", None), getattr(self, "text_model", None)):
+                if tower is not None and any(m is module for m in tower.modules()):
+                    return tower.config
+        return self.config
+
+
+class CLIPMoEVisionModel(CLIPMoEPreTrainedModel, CLIPVisionModel):
+    """``CLIPVisionModel`` with sparse MoE FFNs (see the module docstring)."""
+
+    config: CLIPMoEVisionConfig
+    config_class = CLIPMoEVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: CLIPMoEVisionConfig):
+        CLIPPreTrainedModel.__init__(self, config)
+        embed_dim = config.hidden_size
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.encoder = CLIPMoEEncoder(config)
+        self.post_layernorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False,
+                **kwargs) -> CLIPMoETowerOutput:
+        if pixel_values is None:
+            raise ValueError("CLIPMoEVisionModel needs pixel_values")
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states = self.pre_layrnorm(hidden_states)
+        last_hidden_state = self.encoder(inputs_embeds=hidden_states, **kwargs).last_hidden_state
+        pooled_output = self.post_layernorm(last_hidden_state[:, 0, :])
+        return CLIPMoETowerOutput(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
+
+
+class CLIPMoETextModel(CLIPMoEPreTrainedModel, CLIPTextModel):
+    """``CLIPTextModel`` with sparse MoE FFNs (see the module docstring)."""
+
+    config: CLIPMoETextConfig
+    config_class = CLIPMoETextConfig
+    input_modalities = ("text",)
+
+    def __init__(self, config: CLIPMoETextConfig):
+        CLIPPreTrainedModel.__init__(self, config)
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPMoEEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.eos_token_id = config.eos_token_id
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> CLIPMoETowerOutput:
+        if input_ids is None:
+            raise ValueError("CLIPMoETextModel needs input_ids")
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                                  past_key_values=None)
+        kwargs.pop("is_causal", None)
+        last_hidden_state = self.encoder(inputs_embeds=hidden_states, attention_mask=mask, is_causal=True,
+                                         **kwargs).last_hidden_state
+        last_hidden_state = self.final_layer_norm(last_hidden_state)
+        rows = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
+        ids = input_ids.to(dtype=torch.int, device=last_hidden_state.device)
+        if self.eos_token_id == 2:
+            # transformers' convention for the original CLIP vocab: pool the highest token id (the EOT token).
+            pooled_output = last_hidden_state[rows, ids.argmax(dim=-1)]
+        else:
+            pooled_output = last_hidden_state[rows, (ids == self.eos_token_id).int().argmax(dim=-1)]
+        return CLIPMoETowerOutput(last_hidden_state=last_hidden_state, pooler_output=pooled_output)
+
+
+def tower_aux_loss(router_logits, config, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``router_aux_loss_coef * load_balancing + router_z_loss_coef * z_loss`` of one tower, or None."""
+    if not router_logits:
+        return None
+    loss = config.router_aux_loss_coef * load_balancing_loss(router_logits, config.top_k, attention_mask)
+    if config.router_z_loss_coef > 0:
+        loss = loss + config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
+    return loss
+
+
+class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
+    """Two-tower CLIP-MoE (see the module docstring)."""
+
+    config: CLIPMoEConfig
+    config_class = CLIPMoEConfig
+
+    def __init__(self, config: CLIPMoEConfig):
+        CLIPPreTrainedModel.__init__(self, config)
+        text_config, vision_config = config.text_config, config.vision_config
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = text_config.hidden_size
+        self.vision_embed_dim = vision_config.hidden_size
+        self.text_model = CLIPMoETextModel._from_config(text_config)
+        self.vision_model = CLIPMoEVisionModel._from_config(vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(self.config.logit_scale_init_value))
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_router_logits: bool = True,
+        **kwargs,
+    ) -> CLIPMoEOutput:
+        vision_outputs = self.get_image_features(pixel_values=pixel_values,
+                                                 interpolate_pos_encoding=interpolate_pos_encoding,
+                                                 output_router_logits=output_router_logits, **kwargs)
+        text_outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
+                                              position_ids=position_ids, output_router_logits=output_router_logits,
+                                              **kwargs)
+        image_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
+        text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+        logits_per_text = torch.matmul(text_embeds, image_embeds.t()) * self.logit_scale.exp()
+        logits_per_image = logits_per_text.t()
+
+        image_router_logits = vision_outputs.router_logits if output_router_logits else None
+        text_router_logits = text_outputs.router_logits if output_router_logits else None
+        terms = [
+            tower_aux_loss(image_router_logits, self.config.vision_config),
+            tower_aux_loss(text_router_logits, self.config.text_config, attention_mask),
+        ]
+        terms = [t for t in terms if t is not None]
+        aux_loss = sum(terms) if terms else None
+
+        loss = None
+        if return_loss:
+            loss = image_text_contrastive_loss(logits_per_text)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        return CLIPMoEOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+            aux_loss=aux_loss,
+            image_router_logits=image_router_logits,
+            text_router_logits=text_router_logits,
+        )
