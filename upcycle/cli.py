@@ -1,58 +1,114 @@
-"""``python scripts/upcycle_encoder.py``: turn a dense CLIP into a CLIP-MoE folder.
+"""``python scripts/upcycle_encoder.py``: turn a dense CLIP into a CLIP-MoE (recipes dmu, clip-up, dense).
 
-This first version performs sparse upcycling (experts = copies of the dense FFN, new routers) and writes a
-transformers folder with a model card; the training recipes (dmu, clip-up, dense) build on it.
+Settings come from the defaults, then ``--config FILE.yaml`` (same keys as the flags, with underscores), then
+the flags given. Runs on one process or under ``accelerate launch`` (DDP, CPU or GPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import os
 import sys
 from pathlib import Path
 
-from .convert import sparse_upcycle
-from .sources import BASE_SPECS, load_base
+from .config import RECIPES, UpcycleConfig, load_config
+from .sources import BASE_SPECS
+from .trainable import TRAINABLE_SETS
+
+_DEFAULTS = UpcycleConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    d = _DEFAULTS
+    p = argparse.ArgumentParser(
         prog="upcycle_encoder.py",
-        description="Turn a dense CLIP into a sparse Mixture-of-Experts CLIP (CLIP-MoE) folder that "
-                    "transformers loads with AutoModel after `import clipmoe_vlm`.",
-    )
-    parser.add_argument("--base", default="tiny-random",
-                        help="the dense CLIP to start from: " + "; ".join(BASE_SPECS) + " (default: tiny-random)")
-    parser.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default: 4)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (default: 2)")
-    parser.add_argument("--moe-layers", default="all",
-                        help="which layers become MoE in both towers: all, every-2, last-N, or indices like 0,2,4 "
-                             "(default: all, as CLIP-MoE)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for new router weights and random bases")
-    parser.add_argument("--output", default="runs/clip-moe", help="output folder (default: runs/clip-moe)")
-    return parser
+        description="Turn a dense CLIP into a sparse Mixture-of-Experts CLIP (CLIP-MoE). The output folder loads "
+                    "with transformers' AutoModel after `import clipmoe_vlm` and holds a model card, metrics.jsonl "
+                    "and the resolved run config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--config", help="YAML file with settings (keys as the flags, underscores); flags override it")
+    g.add_argument("--base", help="dense CLIP to start from: " + "; ".join(BASE_SPECS) + f" [{d.base}]")
+    g.add_argument("--data", nargs="+", help="image-text sources: JSONL/CSV (image, caption), LLaVA/ShareGPT4V JSON "
+                   "(FILE.json::IMAGE_ROOT), img2dataset folders, WebDataset .tar shards, datasets folders")
+    g.add_argument("--recipe", choices=RECIPES, help=f"dmu = CLIP-MoE (MCL experts + router tuning), clip-up = "
+                   f"sparse upcycling, dense = dense fine-tuning baseline [{d.recipe}]")
+    g.add_argument("--output", help=f"output folder [{d.output}]")
+    g = p.add_argument_group("MoE shape")
+    g.add_argument("--num-experts", type=int, help=f"experts per MoE layer [{d.num_experts}]")
+    g.add_argument("--top-k", type=int, help=f"experts per token [{d.top_k}]")
+    g.add_argument("--moe-layers", help=f"MoE layers in both towers: all, every-2, last-N or 0,2,4 [{d.moe_layers}]")
+    g.add_argument("--expert-dropout", type=float, help=f"dropout inside experts [{d.expert_dropout}]")
+    g.add_argument("--router-jitter-noise", type=float, help=f"std of router logit noise in training [0]")
+    g.add_argument("--capacity-factor", type=float, help="expert capacity factor with token dropping [none]")
+    g.add_argument("--batch-priority-routing", action="store_true", help="fill expert capacity by top-1 gate value")
+    g = p.add_argument_group("MCL (recipe dmu)")
+    g.add_argument("--stages", type=int, help="MCL stages; must be num-experts - 1 [num-experts - 1]")
+    g.add_argument("--clusters", type=int, help=f"k-means clusters per modality per stage [{d.clusters}]")
+    g.add_argument("--mcl-leftover", choices=("drop", "mixed"), help="samples that do not fill a global batch of "
+                   "their cluster: drop (official, counted and reported) or pool into mixed batches [drop]")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help=f"epochs per stage [{d.epochs}]")
+    g.add_argument("--batch-size", type=int, help=f"batch size per process; the global batch is this times the "
+                   f"number of processes [{d.batch_size}]")
+    g.add_argument("--mcl-lr", type=float, help=f"learning rate of MCL stages [{d.mcl_lr}]")
+    g.add_argument("--router-lr", type=float, help=f"learning rate of router tuning [{d.router_lr}]")
+    g.add_argument("--clipup-lr", type=float, help=f"learning rate of clip-up [{d.clipup_lr}]")
+    g.add_argument("--dense-lr", type=float, help=f"learning rate of the dense baseline [{d.dense_lr}]")
+    g.add_argument("--clipup-trainable", choices=TRAINABLE_SETS, help="clip-up parameters [experts+router]")
+    g.add_argument("--dense-trainable", choices=TRAINABLE_SETS, help="dense-baseline parameters [ffn]")
+    g.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps before cosine decay [{d.warmup_steps}]")
+    g.add_argument("--label-smoothing", type=float, help=f"contrastive label smoothing [{d.label_smoothing}]")
+    g.add_argument("--temperature", type=float, help=f"fixed softmax temperature [{d.temperature}]")
+    g.add_argument("--learn-temperature", action="store_true", help="train the model's logit scale instead")
+    g = p.add_argument_group("auxiliary losses")
+    g.add_argument("--lb-coef-image", type=float, help=f"image load-balancing weight [{d.lb_coef_image}]")
+    g.add_argument("--lb-coef-text", type=float, help=f"text load-balancing weight [{d.lb_coef_text}]")
+    g.add_argument("--z-loss-coef", type=float, help="router z-loss weight (CLIP-UP) [0]")
+    g.add_argument("--local-entropy-coef", type=float, help="LIMoE local entropy weight [0]")
+    g.add_argument("--global-entropy-coef", type=float, help="LIMoE global entropy weight [0]")
+    g.add_argument("--global-entropy-min-experts", type=float, help="LIMoE soft minimum S (threshold log S) [none]")
+    g = p.add_argument_group("data and run")
+    g.add_argument("--context-length", type=int, help="text tokens [the base's max positions]")
+    g.add_argument("--val-fraction", type=float, help=f"pairs held out for the final retrieval check "
+                   f"[{d.val_fraction}]")
+    g.add_argument("--max-samples", type=int, help="use only the first N pairs [all]")
+    g.add_argument("--num-workers", type=int, help=f"data loader workers per process [{d.num_workers}]")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU with AVX-512 BF16, or GPU)")
+    g.add_argument("--seed", type=int, help=f"seed for data order, clustering, router init [{d.seed}]")
+    g.add_argument("--resume", action="store_true", help="continue a run in --output from its last checkpoint")
+    g.add_argument("--save-every", type=int, help=f"checkpoint every N steps within a stage [{d.save_every}]")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard through accelerate")
+    g.add_argument("--stop-after-steps", type=int, help="stop as if killed after N optimizer steps in total "
+                   "(to test --resume)")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> UpcycleConfig:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    flags = {k: v for k, v in args.items() if v is not None and v is not False}
+    known = {f.name for f in dataclasses.fields(UpcycleConfig)}
+    assert set(flags) <= known, set(flags) - known
+    return load_config(config_file, flags)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    if not 1 <= args.top_k <= args.num_experts:
-        raise SystemExit(f"error: --top-k {args.top_k} must be between 1 and --num-experts {args.num_experts}")
-    dense = load_base(args.base, seed=args.seed)
-    info = {"source": args.base, "recipe": "sparse-upcycle", "seed": args.seed}
-    moe = sparse_upcycle(dense, num_experts=args.num_experts, top_k=args.top_k, moe_layers=args.moe_layers,
-                         upcycling_info=info)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    moe.save_pretrained(out)
-    (out / "run_config.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True) + "\n")
-    n_params = sum(p.numel() for p in moe.parameters())
-    (out / "README.md").write_text(
-        f"# CLIP-MoE ({args.num_experts} experts, top-{args.top_k})\n\n"
-        f"Sparse-upcycled from `{args.base}`: every expert is a copy of the dense FFN, routers are new and "
-        f"untrained, so the model computes the dense function until it is trained.\n\n"
-        f"- MoE layers: {args.moe_layers}\n- parameters: {n_params:,}\n\n"
-        "Load with:\n\n```python\nimport clipmoe_vlm\nfrom transformers import AutoModel\n"
-        f"model = AutoModel.from_pretrained({str(out)!r})\n```\n"
-    )
-    print(f"wrote {out} ({n_params:,} parameters)", file=sys.stderr)
-    return out
+    try:
+        cfg = parse_config(argv)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    from accelerate import Accelerator
+
+    from .recipes import run_upcycling
+
+    if not cfg.data:
+        raise SystemExit("error: --data is required (one or more image-text sources)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+                              log_with="tensorboard" if cfg.tensorboard else None, project_dir=cfg.output)
+    try:
+        return run_upcycling(cfg, accelerator, argv if argv is not None else sys.argv[1:])
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None

@@ -1,0 +1,306 @@
+"""The contrastive training engine shared by every recipe stage: one loop on accelerate, resumable.
+
+Data order is a pure function of ``(seed, epoch)`` (`ClusterBatchSampler`), so a stage restarted from its last
+checkpoint (model, optimizer, scheduler, RNG states and the position in the epoch) continues exactly where it
+stopped. The data loader is not handed to accelerate: each process builds its own from the DDP-aware batch
+sampler, and the scheduler is stepped once per optimizer step whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from clipmoe_vlm.losses import expert_load, global_entropy_loss, load_balancing_loss, local_entropy_loss, router_z_loss
+
+from .contrastive import clip_contrastive_loss, gather_with_grad
+from .mcl import ClusterBatchSampler
+from .trainable import set_trainable
+
+__all__ = ["StageSpec", "Engine", "StopRequested", "embed_pairs", "retrieval_metrics"]
+
+
+class StopRequested(RuntimeError):
+    """Raised by ``stop_after_steps`` to simulate a run killed mid-stage (for testing ``--resume``)."""
+
+
+@dataclass
+class StageSpec:
+    name: str
+    trainable: str
+    lr: float
+    weight_decay: float
+    labels: np.ndarray  # (N,) batch-cluster id per sample, -1 = not trained on (validation, unreadable)
+    moe_losses: bool = False
+
+
+def _is_moe(model) -> bool:
+    return hasattr(model.config, "vision_config") and hasattr(model.config.vision_config, "num_experts")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class Engine:
+    """Runs stages for one upcycling run. ``cfg`` is an `UpcycleConfig`; ``log`` writes a metrics line."""
+
+    def __init__(self, cfg, accelerator, dataset, work_dir: Path, log: Callable[[dict], None]):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.dataset = dataset
+        self.work_dir = work_dir
+        self.log = log
+        self.total_steps_done = 0  # across stages in this process's run, for stop_after_steps
+        self.skipped = 0
+        self.skipped_examples: list = []
+
+    # -------------------------------------------------------------------------------------------- data
+    def loader(self, sampler) -> DataLoader:
+        from .data import collate_image_text
+
+        workers = self.cfg.num_workers
+        # A private generator: creating a loader must not draw from the global RNG, or a resumed run would
+        # see different dropout masks than an uninterrupted one.
+        return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_image_text, num_workers=workers,
+                          prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(0))
+
+    def _note_skips(self, batch) -> None:
+        self.skipped += batch["num_skipped"]
+        if batch["num_skipped"] and len(self.skipped_examples) < 5:
+            self.skipped_examples.extend(batch["skipped"][: 5 - len(self.skipped_examples)])
+
+    # -------------------------------------------------------------------------------------------- training
+    def train_stage(self, model, spec: StageSpec):
+        cfg, acc = self.cfg, self.acc
+        stage_dir = self.work_dir / spec.name
+        done = stage_dir / "done.json"
+        if done.is_file():
+            model.load_state_dict(load_file(stage_dir / "model.safetensors"), strict=True)
+            acc.print(f"[{spec.name}] already finished, loaded from {stage_dir}")
+            return model, json.loads(done.read_text())
+
+        trainable = set_trainable(model, spec.trainable, cfg.learn_temperature)
+        params = dict(model.named_parameters())
+        decay = [params[n] for n in trainable if not n.endswith("bias") and params[n].dim() > 1]
+        no_decay = [params[n] for n in trainable if n.endswith("bias") or params[n].dim() <= 1]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+        sampler = ClusterBatchSampler(spec.labels, cfg.batch_size, acc.num_processes, acc.process_index, cfg.seed,
+                                      cfg.mcl_leftover if spec.name.startswith("mcl") else "drop")
+        steps_per_epoch = len(sampler)
+        if steps_per_epoch == 0:
+            raise ValueError(f"[{spec.name}] no full global batch of {cfg.batch_size * acc.num_processes} samples "
+                             f"in any cluster: lower --batch-size or use more data ({sampler.stats.summary('drop')})")
+        total_steps = steps_per_epoch * cfg.epochs
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
+
+        start_step = 0
+        ckpt = stage_dir / "checkpoint"
+        if cfg.resume and (ckpt / "state.pt").is_file():
+            model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            start_step = state["step"]
+            acc.print(f"[{spec.name}] resumed at step {start_step}/{total_steps}")
+
+        ddp_model, optimizer = acc.prepare(model, optimizer)
+        ddp_model.train()
+        is_moe = _is_moe(model)
+        acc.print(f"[{spec.name}] {len(trainable)} trainable tensors "
+                  f"({sum(params[n].numel() for n in trainable):,} weights), {total_steps} steps; "
+                  f"batches: {sampler.stats.summary(sampler.leftover)}")
+        bar = tqdm(total=total_steps, initial=start_step, desc=spec.name, disable=not acc.is_main_process,
+                   dynamic_ncols=True)
+        step = start_step
+        last = {}
+        for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+            sampler.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+            for batch in self.loader(sampler):
+                t0 = time.perf_counter()
+                self._note_skips(batch)
+                losses = self._step(ddp_model, batch, is_moe and spec.moe_losses)
+                acc.backward(losses["loss"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                self.total_steps_done += 1
+                n = batch["pixel_values"].shape[0] * acc.num_processes
+                last = {k: float(v) for k, v in losses.items()}
+                rate = n / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.0f}")
+                bar.update(1)
+                self.log({"stage": spec.name, "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": rate, **last})
+                if step % cfg.save_every == 0 and step < total_steps:
+                    self._checkpoint(model, optimizer, scheduler, step, ckpt)
+                if cfg.stop_after_steps is not None and self.total_steps_done >= cfg.stop_after_steps:
+                    self._checkpoint(model, optimizer, scheduler, step, ckpt)
+                    bar.close()
+                    raise StopRequested(f"stopped after {self.total_steps_done} steps (--stop-after-steps)")
+        bar.close()
+        model = acc.unwrap_model(ddp_model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        summary = {"stage": spec.name, "steps": total_steps, "final": last,
+                   "batches": sampler.stats.summary(sampler.leftover), "cluster_sizes": sampler.stats.cluster_sizes}
+        if acc.is_main_process:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stage_dir / "model.safetensors")
+            done.write_text(json.dumps(summary, indent=1))
+        acc.wait_for_everyone()
+        return model, summary
+
+    def _step(self, model, batch, moe_losses: bool) -> dict:
+        cfg, acc = self.cfg, self.acc
+        pixel_values = batch["pixel_values"].to(acc.device)
+        input_ids = batch["input_ids"].to(acc.device)
+        kwargs = {"output_router_logits": True} if moe_losses else {}
+        with acc.autocast():
+            out = model(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+        core = acc.unwrap_model(model)
+        scale = core.logit_scale.exp() if cfg.learn_temperature else 1.0 / cfg.temperature
+        clip = clip_contrastive_loss(out.image_embeds, out.text_embeds, scale, cfg.label_smoothing,
+                                     gather=gather_with_grad, normalize=True)
+        losses = {"clip_loss": clip}
+        total = clip
+        if moe_losses:
+            vc, tc = core.config.vision_config, core.config.text_config
+            img, txt = out.image_router_logits, out.text_router_logits
+            terms = {}
+            if img:
+                terms["lb_image"] = cfg.lb_coef_image * load_balancing_loss(img, vc.top_k)
+            if txt:
+                terms["lb_text"] = cfg.lb_coef_text * load_balancing_loss(txt, tc.top_k)
+            for name, logits in (("image", img), ("text", txt)):
+                if not logits:
+                    continue
+                if cfg.z_loss_coef:
+                    terms[f"z_{name}"] = cfg.z_loss_coef * router_z_loss(logits)
+                if cfg.local_entropy_coef:
+                    terms[f"local_entropy_{name}"] = cfg.local_entropy_coef * local_entropy_loss(logits)
+                if cfg.global_entropy_coef:
+                    terms[f"global_entropy_{name}"] = cfg.global_entropy_coef * global_entropy_loss(
+                        logits, cfg.global_entropy_min_experts)
+            for key, value in terms.items():
+                losses[key] = value
+                total = total + value
+        losses["loss"] = total
+        return losses
+
+    def _checkpoint(self, model, optimizer, scheduler, step: int, ckpt: Path) -> None:
+        acc = self.acc
+        if acc.is_main_process:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            core = acc.unwrap_model(model)
+            save_file({k: v.contiguous() for k, v in core.state_dict().items()}, ckpt / "model.safetensors.tmp")
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(), "step": step}, ckpt / "state.pt.tmp")
+            (ckpt / "model.safetensors.tmp").replace(ckpt / "model.safetensors")
+            (ckpt / "state.pt.tmp").replace(ckpt / "state.pt")
+        acc.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------ embedding
+
+
+def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]])
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, longest - tensor.shape[0]))
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def embed_pairs(model, dataset, indices, batch_size: int, accelerator, num_workers: int = 0,
+                output_router_logits: bool = False, desc: str = "embed"):
+    """L2-normalised image and text embeddings of ``indices`` (computed shard-wise over processes).
+
+    Returns ``(image (N, D), text (N, D), valid (N,) bool, router)`` in the order of ``indices``; rows of images
+    that failed to load are zero and ``valid`` False. ``router`` is the (L, E) expert load per tower when asked.
+    """
+    from .data import collate_image_text
+
+    indices = list(indices)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = indices[rank::world]
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_image_text, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    rows, img_parts, txt_parts = [], [], []
+    loads = {"image": [], "text": []}
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
+        if batch["pixel_values"].shape[0] == 0:
+            continue
+        kwargs = {"output_router_logits": True} if output_router_logits else {}
+        with accelerator.autocast():
+            out = model(input_ids=batch["input_ids"].to(accelerator.device),
+                        pixel_values=batch["pixel_values"].to(accelerator.device), **kwargs)
+        rows.append(batch["index"])
+        img_parts.append(out.image_embeds.float().cpu())
+        txt_parts.append(out.text_embeds.float().cpu())
+        if output_router_logits:
+            if out.image_router_logits:
+                loads["image"].append(expert_load(out.image_router_logits, model.config.vision_config.top_k))
+            if out.text_router_logits:
+                loads["text"].append(expert_load(out.text_router_logits, model.config.text_config.top_k))
+    model.train(was_training)
+    dim = model.config.projection_dim
+    rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    img_t = torch.cat(img_parts) if img_parts else torch.zeros(0, dim)
+    txt_t = torch.cat(txt_parts) if txt_parts else torch.zeros(0, dim)
+    rows_t = _gather_rows(rows_t[:, None])[:, 0]
+    img_t, txt_t = _gather_rows(img_t), _gather_rows(txt_t)
+    position = {int(i): k for k, i in enumerate(indices)}
+    image = torch.zeros(len(indices), dim)
+    text = torch.zeros(len(indices), dim)
+    valid = torch.zeros(len(indices), dtype=torch.bool)
+    for r, i_vec, t_vec in zip(rows_t.tolist(), img_t, txt_t):
+        image[position[r]], text[position[r]], valid[position[r]] = i_vec, t_vec, True
+    router = {k: torch.stack(v).mean(0) for k, v in loads.items() if v} if output_router_logits else None
+    return image, text, valid, router
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor) -> dict:
+    """Recall@1 and @5 for paired rows (row i of ``image`` belongs to row i of ``text``)."""
+    if len(image) == 0:
+        return {}
+    sim = image @ text.t()
+    target = torch.arange(len(image))
+    out = {}
+    for name, s in (("i2t", sim), ("t2i", sim.t())):
+        ranks = (s > s[target, target][:, None]).sum(1)
+        out[f"{name}_r1"] = float((ranks < 1).float().mean())
+        out[f"{name}_r5"] = float((ranks < 5).float().mean())
+    out["n"] = len(image)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

@@ -1,0 +1,206 @@
+"""The upcycling recipes: ``dmu`` (CLIP-MoE), ``clip-up`` (sparse upcycling) and ``dense`` (the baseline).
+
+- ``dmu``, Diversified Multiplet Upcycling (arXiv 2409.19291): for s = 1..N-1, cluster the pairs with the
+  stage s-1 model (k-means per modality, labels accumulated), train a copy of the *base* with only the FFNs of
+  both towers trainable on cluster-homogeneous global batches, keep its FFNs; assemble experts
+  [base FFN, stage 1, ..., stage N-1] into top-k MoE layers; train the routers only with the CLIP loss plus load
+  balancing (0.01 image, 0.005 text).
+- ``clip-up``, sparse upcycling (arXiv 2502.00965): experts are copies of the dense FFN, experts and routers (or
+  every weight) train with load balancing and router z-loss, optionally with a capacity factor.
+- ``dense``: continued contrastive training of the dense model on the same data (the FFNs by default, as the
+  MCL stages), the fair baseline.
+
+LIMoE's local and global entropy losses can be added to any MoE stage (``local_entropy_coef``,
+``global_entropy_coef``, ``global_entropy_min_experts``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from clipmoe_vlm import CLIPMoEModel
+
+from .config import UpcycleConfig
+from .convert import load_state_dict_checked, sparse_upcycle, upcycle_state_dict
+from .engine import Engine, StageSpec, embed_pairs, retrieval_metrics
+from .mcl import accumulate_labels, kmeans_labels
+from .sources import load_base
+
+__all__ = ["run_upcycling"]
+
+_MLP = re.compile(r"\.mlp\.fc[12]\.(weight|bias)$")
+
+
+def _moe_options(cfg: UpcycleConfig) -> dict:
+    return dict(expert_dropout=cfg.expert_dropout, router_jitter_noise=cfg.router_jitter_noise,
+                capacity_factor=cfg.capacity_factor, batch_priority_routing=cfg.batch_priority_routing,
+                norm_topk_prob=cfg.norm_topk_prob, router_z_loss_coef=cfg.z_loss_coef,
+                vision_options={"router_aux_loss_coef": cfg.lb_coef_image},
+                text_options={"router_aux_loss_coef": cfg.lb_coef_text})
+
+
+def _split(n: int, cfg: UpcycleConfig) -> np.ndarray:
+    """(n,) batch labels: 0 for training pairs, -1 for the held-out validation pairs."""
+    labels = np.zeros(n, dtype=np.int64)
+    n_val = int(round(n * cfg.val_fraction))
+    if n_val:
+        labels[np.random.default_rng(cfg.seed).permutation(n)[:n_val]] = -1
+    return labels
+
+
+def _cluster(engine: Engine, model, train_idx: np.ndarray, previous, cfg: UpcycleConfig, stage: int, path: Path):
+    """Accumulated MCL labels for all pairs (-1: validation or unreadable), cached at ``path``."""
+    acc = engine.acc
+    if path.is_file():
+        return np.load(path)
+    image, text, valid, _ = embed_pairs(model, engine.dataset, train_idx.tolist(), cfg.batch_size, acc,
+                                        cfg.num_workers, desc=f"embed for stage {stage}")
+    ok = valid.numpy()
+    labels = np.full(len(engine.dataset), -1, dtype=np.int64)
+    if acc.is_main_process:
+        ci = kmeans_labels(image.numpy()[ok], cfg.clusters, cfg.seed + stage)
+        ct = kmeans_labels(text.numpy()[ok], cfg.clusters, cfg.seed + 1000 + stage)
+        prev = None if previous is None else previous[train_idx][ok]
+        labels[train_idx[ok]] = accumulate_labels(prev, ci, ct, cfg.clusters, cfg.clusters)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, labels)
+    acc.wait_for_everyone()
+    labels = np.load(path)
+    sizes = np.bincount(labels[labels >= 0])
+    acc.print(f"[mcl-{stage}] {len(sizes)} clusters; sizes min {sizes.min()} / median {int(np.median(sizes))} / "
+              f"max {sizes.max()}; {int((~ok).sum())} unreadable pairs excluded")
+    return labels
+
+
+def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None) -> Path:
+    """Runs ``cfg.recipe`` and writes the output folder; returns its path."""
+    from .data import ImageTextDataset, clip_image_transform, open_clip_tokenizer
+
+    out = Path(cfg.output)
+    work = out / "work"
+    acc = accelerator
+    if acc.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+        if not cfg.resume:
+            (out / "metrics.jsonl").write_text("")
+    acc.wait_for_everyone()
+
+    base = load_base(cfg.base, seed=cfg.seed)
+    if isinstance(base, CLIPMoEModel) and cfg.recipe != "dense":
+        raise ValueError(f"--base {cfg.base} is already a CLIP-MoE; recipe {cfg.recipe} needs a dense CLIP")
+    base.requires_grad_(False)
+    context = cfg.context_length or base.config.text_config.max_position_embeddings
+    dataset = ImageTextDataset(cfg.data, clip_image_transform(base.config.vision_config.image_size),
+                               open_clip_tokenizer(context), max_samples=cfg.max_samples)
+    acc.print(dataset.describe())
+
+    def log(record: dict) -> None:
+        if acc.is_main_process:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    engine = Engine(cfg, acc, dataset, work, log)
+    split = _split(len(dataset), cfg)
+    train_idx = np.flatnonzero(split >= 0)
+    val_idx = np.flatnonzero(split < 0)
+    summaries = []
+
+    if cfg.recipe == "dense":
+        model, summary = engine.train_stage(copy.deepcopy(base), StageSpec(
+            "dense", cfg.dense_trainable, cfg.dense_lr, cfg.dense_weight_decay, split))
+        summaries.append(summary)
+    elif cfg.recipe == "clip-up":
+        moe = sparse_upcycle(base, cfg.num_experts, cfg.top_k, cfg.moe_layers, **_moe_options(cfg))
+        model, summary = engine.train_stage(moe, StageSpec(
+            "clip-up", cfg.clipup_trainable, cfg.clipup_lr, cfg.clipup_weight_decay, split, moe_losses=True))
+        summaries.append(summary)
+    else:  # dmu
+        labels, current, expert_ffns = None, base, [base.state_dict()]
+        for stage in range(1, cfg.mcl_stages() + 1):
+            labels = _cluster(engine, current, train_idx, labels, cfg, stage, work / f"labels-stage{stage}.npy")
+            stage_model, summary = engine.train_stage(copy.deepcopy(base), StageSpec(
+                f"mcl-{stage}", "mcl", cfg.mcl_lr, cfg.mcl_weight_decay, labels))
+            summaries.append(summary)
+            expert_ffns.append({k: v for k, v in stage_model.state_dict().items() if _MLP.search(k)})
+            current = stage_model
+        torch.manual_seed(cfg.seed)  # the routers' initialisation
+        moe = sparse_upcycle(base, cfg.num_experts, cfg.top_k, cfg.moe_layers, **_moe_options(cfg))
+        sources = [expert_ffns[0]] + [{**expert_ffns[0], **ffn} for ffn in expert_ffns[1:]]
+        load_state_dict_checked(moe, upcycle_state_dict(expert_ffns[0], moe, expert_sources=sources),
+                                source="assembled experts")
+        model, summary = engine.train_stage(moe, StageSpec(
+            "router", "router", cfg.router_lr, cfg.router_weight_decay, split, moe_losses=True))
+        summaries.append(summary)
+
+    # ---- evaluation on the held-out pairs, model card
+    metrics = {}
+    if len(val_idx):
+        for name, m in (("base", base), ("result", model)):
+            is_moe = isinstance(m, CLIPMoEModel)
+            image, text, valid, load = embed_pairs(m, dataset, val_idx.tolist(), cfg.batch_size, acc,
+                                                   cfg.num_workers, output_router_logits=is_moe, desc=f"eval {name}")
+            metrics[name] = retrieval_metrics(image[valid], text[valid])
+            if load:
+                metrics["expert_load"] = {k: [[round(float(x), 4) for x in row] for row in v] for k, v in load.items()}
+    skipped = engine.skipped
+    if acc.is_main_process:
+        model.config.upcycling_info = {"recipe": cfg.recipe, "base": cfg.base, "data": list(cfg.data),
+                                       "seed": cfg.seed} if isinstance(model, CLIPMoEModel) else None
+        model.save_pretrained(out)
+        report = {"recipe": cfg.recipe, "stages": summaries, "validation": metrics, "skipped_images": skipped,
+                  "skipped_examples": [list(map(str, s)) for s in engine.skipped_examples],
+                  "pairs": len(dataset), "validation_pairs": int(len(val_idx))}
+        (out / "summary.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "README.md").write_text(model_card(cfg, report, dataset.describe(), argv))
+    acc.wait_for_everyone()
+    acc.print(f"skipped {skipped} unreadable images" + (f" (first: {engine.skipped_examples[0]})" if skipped else ""))
+    if "expert_load" in metrics:
+        for tower, rows in metrics["expert_load"].items():
+            for i, row in enumerate(rows):
+                acc.print(f"expert usage {tower} MoE layer {i}: " + " ".join(f"{x:.2f}" for x in row))
+    acc.print(f"validation: {json.dumps(metrics.get('base', {}))} (base) -> {json.dumps(metrics.get('result', {}))}")
+    acc.print(f"wrote {out}")
+    return out
+
+
+def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) -> str:
+    lines = [f"# CLIP-MoE: recipe `{cfg.recipe}`", ""]
+    if cfg.recipe != "dense":
+        lines += [f"{cfg.num_experts} experts, top-{cfg.top_k}, MoE layers: {cfg.moe_layers}; base `{cfg.base}`.", ""]
+    else:
+        lines += [f"Dense baseline: continued contrastive training of `{cfg.base}`.", ""]
+    command = "python scripts/upcycle_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines += ["## How it was made", "", f"```\n{command.strip()}\n```", "", "Data:", "", "```",
+              data_description, "```", "", f"Pairs: {report['pairs']} ({report['validation_pairs']} held out for "
+              f"validation). Unreadable images skipped: {report['skipped_images']}.", "", "| stage | steps | final loss |"
+              " batches |", "| --- | --- | --- | --- |"]
+    for s in report["stages"]:
+        final = s.get("final", {}).get("loss", float("nan"))
+        lines.append(f"| {s['stage']} | {s['steps']} | {final:.4f} | {s['batches']} |")
+    val = report["validation"]
+    if val:
+        lines += ["", "## Held-out retrieval (measured at the end of the run)", "", "| model | I→T R@1 | T→I R@1 | "
+                  "I→T R@5 | T→I R@5 | pairs |", "| --- | --- | --- | --- | --- | --- |"]
+        for name in ("base", "result"):
+            m = val.get(name, {})
+            lines.append(f"| {name} | {m.get('i2t_r1', '-')} | {m.get('t2i_r1', '-')} | {m.get('i2t_r5', '-')} | "
+                         f"{m.get('t2i_r5', '-')} | {m.get('n', '-')} |")
+        if "expert_load" in val:
+            lines += ["", "## Expert usage (fraction of assignments per expert, per MoE layer)", ""]
+            for tower, rows in val["expert_load"].items():
+                lines += [f"{tower}:", ""] + [f"- layer {i}: " + ", ".join(f"{x:.2f}" for x in r)
+                                             for i, r in enumerate(rows)] + [""]
+    lines += ["", "## Loading", "", "```python", "import clipmoe_vlm", "from transformers import AutoModel",
+              f"model = AutoModel.from_pretrained({str(Path(cfg.output))!r})", "```", "",
+              "Files: `metrics.jsonl` (one line per step), `summary.json`, `run_config.yaml` (the resolved settings), "
+              "`work/` (stage checkpoints for `--resume`; safe to delete once the run is done).", ""]
+    return "\n".join(lines)
