@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> Path:
     if not cfg.data:
         raise SystemExit("error: --data is required (one or more image-text sources)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+    import torch
+
+    # cpu=True on a machine without CUDA makes accelerate join a torchrun-style launch as MULTI_CPU (gloo).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
                               log_with="tensorboard" if cfg.tensorboard else None, project_dir=cfg.output)
     try:
         return run_upcycling(cfg, accelerator, argv if argv is not None else sys.argv[1:])

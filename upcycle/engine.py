@@ -139,6 +139,15 @@ class Engine:
             for batch in self.loader(sampler):
                 t0 = time.perf_counter()
                 self._note_skips(batch)
+                if batch["input_ids"].shape[0] == 0:  # every image of this batch was unreadable
+                    if acc.num_processes > 1:
+                        raise RuntimeError(f"[{spec.name}] every image of a batch failed to load on process "
+                                           f"{acc.process_index}: {batch['skipped'][:2]}; check the data")
+                    step += 1
+                    self.total_steps_done += 1
+                    scheduler.step()
+                    bar.update(1)
+                    continue
                 losses = self._step(ddp_model, batch, is_moe and spec.moe_losses)
                 acc.backward(losses["loss"])
                 optimizer.step()
@@ -147,7 +156,7 @@ class Engine:
                 step += 1
                 self.total_steps_done += 1
                 n = batch["pixel_values"].shape[0] * acc.num_processes
-                last = {k: float(v) for k, v in losses.items()}
+                last = {k: float(v.detach()) for k, v in losses.items()}
                 rate = n / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.0f}")
                 bar.update(1)

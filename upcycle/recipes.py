@@ -102,6 +102,8 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     dataset = ImageTextDataset(cfg.data, clip_image_transform(base.config.vision_config.image_size),
                                open_clip_tokenizer(context), max_samples=cfg.max_samples)
     acc.print(dataset.describe())
+    acc.print(f"{acc.num_processes} processes ({acc.distributed_type}), global batch "
+              f"{cfg.batch_size * acc.num_processes}")
 
     def log(record: dict) -> None:
         if acc.is_main_process:

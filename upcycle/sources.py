@@ -14,6 +14,7 @@ Accepted specs (the error for anything else lists them):
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -77,8 +78,14 @@ def load_base(spec: str, seed: int = 0):
         hf_state.update({k: v for k, v in model.state_dict().items() if k.endswith("position_ids")})
         model.load_state_dict(hf_state, strict=True)
         return model
-    if "/" in spec and not path.exists() and not spec.startswith((".", "/")):
-        return CLIPModel.from_pretrained(spec)  # hub id: the user asked for a download
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not path.exists():
+        try:
+            return CLIPModel.from_pretrained(spec)  # hub id: the user asked for a download
+        except OSError as err:
+            raise ValueError(f"--base {spec}: not a local folder or file, and loading it as a hub id failed: "
+                             f"{err}") from None
+    if not path.exists() and ("/" in spec or path.suffix):
+        raise FileNotFoundError(f"--base {spec}: no such file or folder")
     raise ValueError(f"--base {spec!r} is not understood; accepted: " + "; ".join(BASE_SPECS)
                      + ". Supported model kinds: " + "; ".join(SUPPORTED_SOURCES))
 

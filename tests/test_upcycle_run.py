@@ -1,0 +1,151 @@
+"""End-to-end upcycling runs on a tiny base and tiny data: dmu, resume, two processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from clipmoe_vlm import CLIPMoEModel
+from upcycle.cli import main
+from upcycle.engine import StopRequested
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    """96 small images of a coloured square or circle on grey, with captions."""
+    root = tmp_path_factory.mktemp("pairs")
+    (root / "img").mkdir()
+    lines = []
+    for i in range(96):
+        colour = list(COLOURS)[i % 4]
+        shape = "circle" if (i // 4) % 2 else "square"
+        size = 10 + (i // 8) % 3 * 6
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        draw = ImageDraw.Draw(image)
+        box = (32 - size, 32 - size, 32 + size, 32 + size)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+        image.save(root / "img" / f"{i:03d}.png")
+        lines.append(json.dumps({"image": f"img/{i:03d}.png", "caption": f"a {colour} {shape}"}))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "pairs.jsonl"
+
+
+def run_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--output", str(out), "--batch-size", "8", "--num-workers", "0",
+            "--clusters", "2", "--mcl-leftover", "mixed", "--warmup-steps", "2", "--mcl-lr", "1e-3",
+            "--router-lr", "1e-3", "--val-fraction", "0.1", "--context-length", "16", *extra]
+
+
+def test_dmu_run_produces_distinct_experts_and_reloads(pairs, tmp_path):
+    out = main(run_args(pairs, tmp_path / "dmu"))
+    model = AutoModel.from_pretrained(out).eval()
+    assert isinstance(model, CLIPMoEModel)
+    for tower in (model.vision_model, model.text_model):
+        experts = tower.encoder.layers[0].mlp.experts.fc1_weight
+        assert experts.shape[0] == 4
+        for a in range(4):
+            for b in range(a + 1, 4):
+                assert not torch.allclose(experts[a], experts[b]), (a, b)
+    # expert 0 is the base FFN (tiny-random base, seed 0)
+    from upcycle.sources import load_base
+    base = load_base("tiny-random", seed=0)
+    assert torch.equal(model.vision_model.encoder.layers[1].mlp.experts.fc1_weight[0],
+                       base.vision_model.encoder.layers[1].mlp.fc1.weight)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["mcl-1", "mcl-2", "mcl-3", "router"]
+    loads = torch.tensor(summary["validation"]["expert_load"]["image"])
+    assert loads.shape == (4, 4) and not torch.allclose(loads, torch.full_like(loads, 0.25))
+    # the saved folder computes what the run's final stage computed
+    final = CLIPMoEModel(model.config).eval()
+    final.load_state_dict(load_file(out / "work" / "router" / "model.safetensors"))
+    px, ids = torch.randn(2, 3, 64, 64), torch.randint(1, 400, (2, 16))
+    torch.testing.assert_close(model(input_ids=ids, pixel_values=px).logits_per_image,
+                               final(input_ids=ids, pixel_values=px).logits_per_image, atol=0, rtol=0)
+    card = (out / "README.md").read_text()
+    assert "recipe `dmu`" in card and "Held-out retrieval" in card
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == sum(s["steps"] for s in summary["stages"])
+
+
+def test_resume_after_kill_matches_uninterrupted_run(pairs, tmp_path):
+    args = ["--recipe", "clip-up", "--expert-dropout", "0.1", "--save-every", "3", "--epochs", "2",
+            "--clipup-lr", "1e-3"]
+    main(run_args(pairs, tmp_path / "full", *args))
+    with pytest.raises(StopRequested):
+        main(run_args(pairs, tmp_path / "killed", *args, "--stop-after-steps", "13"))
+    main(run_args(pairs, tmp_path / "killed", *args, "--resume"))
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--base", "no/such/folder/"], "--base"),
+    (["--top-k", "5"], "top_k"),
+    (["--recipe", "clip-up", "--data", "missing.jsonl"], "missing.jsonl"),
+])
+def test_bad_input_fails_before_work(pairs, tmp_path, bad, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(run_args(pairs, tmp_path / "bad", *bad))
+    assert message in str(info.value)
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_broken_line_and_non_image(pairs, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(pairs.read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"broken\.jsonl.*2|line 2"):
+        main(run_args(broken, tmp_path / "b1"))
+    # an image that is not an image is skipped and counted, the run finishes
+    root = pairs.parent
+    (root / "img" / "fake.png").write_bytes(b"this is not a png")
+    mixed = root / "mixed.jsonl"
+    mixed.write_text(pairs.read_text() + json.dumps({"image": "img/fake.png", "caption": "a fake"}) + "\n")
+    out = main(run_args(mixed, tmp_path / "b2", "--recipe", "dense", "--val-fraction", "0"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_images"] >= 1
+
+
+def test_two_processes_match_one(pairs, tmp_path):
+    """Two DDP processes on the CPU with per-process batch 4 == one process with batch 8.
+
+    accelerate 1.15 runs ``launch --cpu --num_processes 2`` as a single process (its CPU multi-process path needs
+    mpirun); ``launch --multi_gpu --num_processes 2`` on a machine without GPUs starts two gloo processes.
+    """
+    # A small learning rate: routing is discrete and Adam turns float-level differences of near-zero gradients
+    # into full-size steps, so long runs at a high rate drift apart even when every batch is the same.
+    common = ["--recipe", "clip-up", "--expert-dropout", "0", "--clipup-lr", "1e-6", "--val-fraction", "0",
+              "--max-samples", "32"]
+    one = run_args(pairs, tmp_path / "one", *common)
+    main(one)
+    two = run_args(pairs, tmp_path / "two", *common)
+    two[two.index("--batch-size") + 1] = "4"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(ROOT / "scripts" / "upcycle_encoder.py"), *two],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout + proc.stderr
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == 4  # same number of global batches: one metrics line per step
+    for a, b in zip(*losses):
+        assert a == pytest.approx(b, abs=2e-4)  # the same global batches give the same loss
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
