@@ -43,7 +43,7 @@ def pairs(tmp_path_factory) -> Path:
 
 
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data", str(data), "--output", str(out), "--batch-size", "8", "--num-workers", "0",
+    return ["--data", str(data), "--output", str(out), "--base", "tiny-random", "--batch-size", "8", "--num-workers", "0",
             "--clusters", "2", "--mcl-leftover", "mixed", "--warmup-steps", "2", "--mcl-lr", "1e-3",
             "--router-lr", "1e-3", "--val-fraction", "0.1", "--context-length", "16", *extra]
 

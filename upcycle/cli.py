@@ -29,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
     g = p.add_argument_group("what to run")
     g.add_argument("--config", help="YAML file with settings (keys as the flags, underscores); flags override it")
-    g.add_argument("--base", help="dense CLIP to start from: " + "; ".join(BASE_SPECS) + f" [{d.base}]")
+    g.add_argument("--base", help="dense CLIP to start from: shapes-tiny (a tiny CLIP trained from scratch on the "
+                   "Shapes world, cached); " + "; ".join(BASE_SPECS) + f" [{d.base}]")
     g.add_argument("--data", nargs="+", help="image-text sources: JSONL/CSV (image, caption), LLaVA/ShareGPT4V JSON "
-                   "(FILE.json::IMAGE_ROOT), img2dataset folders, WebDataset .tar shards, datasets folders")
+                   "(FILE.json::IMAGE_ROOT), img2dataset folders, WebDataset .tar shards, datasets folders "
+                   "[the built-in Shapes world, generated once into .cache/clipmoe-vlm]")
     g.add_argument("--recipe", choices=RECIPES, help=f"dmu = CLIP-MoE (MCL experts + router tuning), clip-up = "
                    f"sparse upcycling, dense = dense fine-tuning baseline [{d.recipe}]")
     g.add_argument("--output", help=f"output folder [{d.output}]")
@@ -80,15 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue a run in --output from its last checkpoint")
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps within a stage [{d.save_every}]")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard through accelerate")
+    g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the dense and clip-up baselines and print one comparison table "
+                        "[on when --data is not given]")
+    g.add_argument("--base-epochs", type=int, help=f"epochs of the tiny Shapes base trained from scratch "
+                   f"[{d.base_epochs}]")
+    g.add_argument("--shapes-scale", type=float, help="size of the generated Shapes world relative to the default "
+                   "(4,000 training pairs) [1.0]")
     g.add_argument("--stop-after-steps", type=int, help="stop as if killed after N optimizer steps in total "
                    "(to test --resume)")
     return p
 
 
+PRESET_SHAPES = Path(__file__).with_name("presets") / "shapes.yaml"
+
+
 def parse_config(argv: list[str] | None) -> UpcycleConfig:
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config")
-    flags = {k: v for k, v in args.items() if v is not None and v is not False}
+    if config_file is None and not args.get("data"):
+        config_file = PRESET_SHAPES  # the embedded default: Shapes world settings (flags still override)
+    flags = {k: v for k, v in args.items() if v is not None and (v is not False or k == "compare")}
     known = {f.name for f in dataclasses.fields(UpcycleConfig)}
     assert set(flags) <= known, set(flags) - known
     return load_config(config_file, flags)
@@ -101,17 +115,20 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"error: {err}") from None
     from accelerate import Accelerator
 
+    from .default_run import resolve_defaults, run_comparison
     from .recipes import run_upcycling
 
-    if not cfg.data:
-        raise SystemExit("error: --data is required (one or more image-text sources)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     # cpu=True on a machine without CUDA makes accelerate join a torchrun-style launch as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.bf16 else "no",
                               log_with="tensorboard" if cfg.tensorboard else None, project_dir=cfg.output)
+    argv = argv if argv is not None else sys.argv[1:]
     try:
-        return run_upcycling(cfg, accelerator, argv if argv is not None else sys.argv[1:])
+        cfg = resolve_defaults(cfg, accelerator)
+        if cfg.compare:
+            return run_comparison(cfg, accelerator, argv)
+        return run_upcycling(cfg, accelerator, argv)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -22,8 +22,8 @@ RECIPES = ("dmu", "clip-up", "dense")
 @dataclass
 class UpcycleConfig:
     # what
-    base: str = "tiny-random"
-    data: list[str] = field(default_factory=list)
+    base: str = "shapes-tiny"
+    data: list[str] = field(default_factory=list)  # empty: the built-in Shapes world
     recipe: str = "dmu"
     output: str = "runs/clip-moe"
     # MoE shape
@@ -68,6 +68,11 @@ class UpcycleConfig:
     val_fraction: float = 0.05
     max_samples: int | None = None
     num_workers: int = 2
+    # the embedded default (Shapes world)
+    compare: bool | None = None  # also run the baselines and print the comparison table (default: with Shapes data)
+    base_epochs: int = 8  # epochs of the tiny dense base trained from scratch on the Shapes world
+    base_lr: float = 2e-3
+    shapes_scale: float = 1.0  # size of the generated world relative to the default (4,000 training pairs)
     # run
     bf16: bool = False
     seed: int = 0

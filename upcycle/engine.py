@@ -44,6 +44,15 @@ class StageSpec:
     weight_decay: float
     labels: np.ndarray  # (N,) batch-cluster id per sample, -1 = not trained on (validation, unreadable)
     moe_losses: bool = False
+    # per-stage overrides of the run config (None: use the run's value)
+    epochs: int | None = None
+    learn_temperature: bool | None = None
+    label_smoothing: float | None = None
+    warmup_steps: int | None = None
+
+    def resolved(self, cfg) -> dict:
+        return {key: getattr(cfg, key) if getattr(self, key) is None else getattr(self, key)
+                for key in ("epochs", "learn_temperature", "label_smoothing", "warmup_steps")}
 
 
 def _is_moe(model) -> bool:
@@ -98,7 +107,9 @@ class Engine:
             acc.print(f"[{spec.name}] already finished, loaded from {stage_dir}")
             return model, json.loads(done.read_text())
 
-        trainable = set_trainable(model, spec.trainable, cfg.learn_temperature)
+        opts = spec.resolved(cfg)
+        self._opts = opts
+        trainable = set_trainable(model, spec.trainable, opts["learn_temperature"])
         params = dict(model.named_parameters())
         decay = [params[n] for n in trainable if not n.endswith("bias") and params[n].dim() > 1]
         no_decay = [params[n] for n in trainable if n.endswith("bias") or params[n].dim() <= 1]
@@ -110,8 +121,9 @@ class Engine:
         if steps_per_epoch == 0:
             raise ValueError(f"[{spec.name}] no full global batch of {cfg.batch_size * acc.num_processes} samples "
                              f"in any cluster: lower --batch-size or use more data ({sampler.stats.summary('drop')})")
-        total_steps = steps_per_epoch * cfg.epochs
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 2), total_steps)
+        total_steps = steps_per_epoch * opts["epochs"]
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(opts["warmup_steps"], total_steps // 2),
+                                                    total_steps)
 
         start_step = 0
         ckpt = stage_dir / "checkpoint"
@@ -134,7 +146,7 @@ class Engine:
                    dynamic_ncols=True)
         step = start_step
         last = {}
-        for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+        for epoch in range(start_step // steps_per_epoch, opts["epochs"]):
             sampler.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
             for batch in self.loader(sampler):
                 t0 = time.perf_counter()
@@ -189,8 +201,8 @@ class Engine:
         with acc.autocast():
             out = model(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         core = acc.unwrap_model(model)
-        scale = core.logit_scale.exp() if cfg.learn_temperature else 1.0 / cfg.temperature
-        clip = clip_contrastive_loss(out.image_embeds, out.text_embeds, scale, cfg.label_smoothing,
+        scale = core.logit_scale.exp() if self._opts["learn_temperature"] else 1.0 / cfg.temperature
+        clip = clip_contrastive_loss(out.image_embeds, out.text_embeds, scale, self._opts["label_smoothing"],
                                      gather=gather_with_grad, normalize=True)
         losses = {"clip_loss": clip}
         total = clip

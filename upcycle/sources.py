@@ -36,7 +36,7 @@ BASE_SPECS = (
 
 
 def tiny_clip_config(image_size: int = 64, patch_size: int = 8, width: int = 64, layers: int = 4,
-                     text_layers: int = 3, vocab_size: int = 49408, context_length: int = 32) -> CLIPConfig:
+                     text_layers: int = 3, vocab_size: int = 49408, context_length: int = 64) -> CLIPConfig:
     """A small CLIP for CPU runs. The text side uses the OpenAI/open_clip BPE vocabulary (49408 tokens, EOT is
     the highest id, hence ``eos_token_id=2``: transformers' argmax pooling)."""
     return CLIPConfig(

@@ -1,0 +1,143 @@
+"""The embedded default: the Shapes world, a tiny dense base trained from scratch, and the recipe comparison.
+
+``python scripts/upcycle_encoder.py`` with no ``--data`` generates the Shapes world once (cached), trains a tiny
+dense CLIP from scratch on its pairs once (cached; it stands in for a pretrained base), runs the ``dmu`` recipe
+into ``--output``, and, with ``compare`` on (the default here), the ``dense`` (same number of steps) and
+``clip-up`` recipes next to it, then evaluates the four encoders on the world's held-out encoder sets and prints
+one table (also written as ``comparison.md`` and ``comparison.json`` in the output folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipmoe_vlm.defaults import base_dir, ensure_world
+
+from .config import UpcycleConfig
+from .engine import Engine, StageSpec
+from .sources import tiny_clip_config
+
+__all__ = ["pretrain_shapes_base", "resolve_defaults", "run_comparison"]
+
+
+def resolve_defaults(cfg: UpcycleConfig, accelerator) -> UpcycleConfig:
+    """Fills in the Shapes world as data and the cached tiny base as ``--base shapes-tiny``."""
+    changes = {}
+    world = None
+    if not cfg.data:
+        if accelerator.is_main_process:
+            world = ensure_world(cfg.seed, cfg.shapes_scale)
+        accelerator.wait_for_everyone()
+        world = ensure_world(cfg.seed, cfg.shapes_scale) if world is None else world
+        changes["data"] = [str(world / "clip_train" / "captions.jsonl")]
+        if cfg.compare is None:
+            changes["compare"] = True
+    if cfg.base == "shapes-tiny":
+        data = changes.get("data", cfg.data)
+        changes["base"] = str(pretrain_shapes_base(dataclasses.replace(cfg, data=data), accelerator))
+    return dataclasses.replace(cfg, **changes)
+
+
+def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
+    """Trains (once) a tiny dense CLIP from scratch on ``cfg.data``: all weights and the temperature learn."""
+    from transformers import CLIPModel
+
+    from .data import ImageTextDataset, clip_image_transform, open_clip_tokenizer
+
+    out = base_dir(cfg.seed) if cfg.shapes_scale == 1.0 else Path(f"{base_dir(cfg.seed)}-x{cfg.shapes_scale:g}")
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        accelerator.print(f"tiny dense base: cached at {out}")
+        return out
+    accelerator.print(f"tiny dense base: training from scratch on the Shapes world ({cfg.base_epochs} epochs) -> {out}")
+    torch.manual_seed(cfg.seed)
+    config = tiny_clip_config()
+    model = CLIPModel(config)
+    dataset = ImageTextDataset(cfg.data, clip_image_transform(config.vision_config.image_size),
+                               open_clip_tokenizer(config.text_config.max_position_embeddings))
+    labels = np.zeros(len(dataset), dtype=np.int64)
+    labels[np.random.default_rng(cfg.seed).permutation(len(dataset))[: int(round(len(dataset) * cfg.val_fraction))]] \
+        = -1  # the same held-out pairs the recipes use
+    engine = Engine(dataclasses.replace(cfg, batch_size=64), accelerator, dataset, out / "work", lambda record: None)
+    model, summary = engine.train_stage(model, StageSpec(
+        "scratch", "all", cfg.base_lr, 0.1, labels, epochs=cfg.base_epochs, learn_temperature=True,
+        label_smoothing=0.0, warmup_steps=50))
+    if accelerator.is_main_process:
+        model.save_pretrained(out)
+        (out / "README.md").write_text(
+            "# Tiny dense CLIP trained from scratch on the Shapes world\n\n"
+            f"Stands in for a pretrained base in the embedded default run. {summary['steps']} steps, batch 64, "
+            f"lr {cfg.base_lr}, learned temperature; final loss {summary['final'].get('loss', float('nan')):.4f}.\n")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _evaluate(path: Path, world: Path, batch_size: int) -> dict:
+    from transformers import AutoModel
+
+    from clipmoe_vlm.evaluation.encoder import evaluate_shapes_encoder
+
+    from .data import clip_image_transform, open_clip_tokenizer
+
+    model = AutoModel.from_pretrained(path).eval()
+    transform = clip_image_transform(model.config.vision_config.image_size)
+    tokenizer = open_clip_tokenizer(model.config.text_config.max_position_embeddings)
+    metrics = evaluate_shapes_encoder(model, transform, tokenizer, world, batch_size=batch_size, progress=False)
+    return {k: v for k, v in metrics.items() if _HEADLINE(k)}
+
+
+def _HEADLINE(key: str) -> bool:
+    """The metrics of the comparison table: R@1 both ways, zero-shot top-1 per attribute, MMVP per type."""
+    return key.endswith("R@1") or key.endswith("/top1") or key.startswith("mmvp/")
+
+
+def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
+    """dmu into ``cfg.output``, dense and clip-up beside it, then one evaluation table."""
+    from .recipes import run_upcycling
+
+    out = Path(cfg.output)
+    steps_epochs = cfg.mcl_stages() + 1  # dmu: one epoch per MCL stage plus one of router tuning
+    runs = {"dmu": out}
+    run_upcycling(dataclasses.replace(cfg, recipe="dmu"), accelerator, argv)
+    for recipe in ("dense", "clip-up"):
+        target = out.parent / f"{out.name}-{recipe}"
+        run_upcycling(dataclasses.replace(cfg, recipe=recipe, output=str(target), epochs=cfg.epochs * steps_epochs),
+                      accelerator, argv)
+        runs[recipe] = target
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return out
+    world = Path(cfg.data[0]).parents[1]
+    rows = {"dense base": _evaluate(Path(cfg.base), world, 128)}
+    for name in ("dense", "clip-up", "dmu"):
+        rows[name] = _evaluate(runs[name], world, 128)
+    summary = json.loads((out / "summary.json").read_text())
+    table = comparison_table(rows, summary.get("validation", {}).get("expert_load"))
+    (out / "comparison.md").write_text(table)
+    (out / "comparison.json").write_text(json.dumps({"runs": {k: str(v) for k, v in runs.items()},
+                                                     "metrics": rows}, indent=1))
+    print("\n" + table)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def comparison_table(rows: dict[str, dict], expert_load: dict | None = None) -> str:
+    keys = []
+    for metrics in rows.values():
+        keys += [k for k in metrics if k not in keys and isinstance(metrics[k], (int, float))]
+    lines = ["| metric | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
+    for key in keys:
+        values = [rows[name].get(key) for name in rows]
+        cells = [f"{v * 100:.1f}" if isinstance(v, float) else str(v) for v in values]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    text = "Encoder metrics on the Shapes world's held-out sets (percent):\n\n" + "\n".join(lines) + "\n"
+    if expert_load:
+        text += "\nExpert usage of the dmu model (fraction of assignments per expert, per MoE layer):\n\n"
+        for tower, layers in expert_load.items():
+            for i, row in enumerate(layers):
+                text += f"- {tower} layer {i}: " + " ".join(f"{x:.2f}" for x in row) + "\n"
+    return text
