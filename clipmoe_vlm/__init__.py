@@ -5,6 +5,13 @@ Importing the package registers the CLIP-MoE configs and models with transformer
 rebuild CLIP-MoE towers from their ``config.json``.
 """
 
+import os as _os
+
+# OpenMP threads that spin while waiting make PyTorch on a busy CPU many times slower (measured: 12x for small
+# matmuls when another process competes for the cores; docs/performance.md). Only a default: a value the user
+# set wins, and it acts only if this runs before torch is first imported.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from transformers import AutoConfig, AutoModel
 
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig

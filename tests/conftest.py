@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see clipmoe_vlm/__init__.py
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import CLIPConfig, CLIPModel
 
 import clipmoe_vlm  # noqa: F401  (registers the Auto classes)

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense-trainable", choices=TRAINABLE_SETS, help="dense-baseline parameters [ffn]")
     g.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps before cosine decay [{d.warmup_steps}]")
     g.add_argument("--label-smoothing", type=float, help=f"contrastive label smoothing [{d.label_smoothing}]")
-    g.add_argument("--temperature", type=float, help=f"fixed softmax temperature [{d.temperature}]")
+    g.add_argument("--temperature", type=float, help=f"fixed softmax temperature; the Shapes preset uses the "
+                   f"base's own learned one [{d.temperature}]")
     g.add_argument("--learn-temperature", action="store_true", help="train the model's logit scale instead")
     g = p.add_argument_group("auxiliary losses")
     g.add_argument("--lb-coef-image", type=float, help=f"image load-balancing weight [{d.lb_coef_image}]")

@@ -54,7 +54,7 @@ class UpcycleConfig:
     dense_trainable: str = "ffn"
     warmup_steps: int = 200
     label_smoothing: float = 0.1
-    temperature: float = 0.01
+    temperature: float | None = 0.01  # None: the base model's own learned temperature, kept frozen
     learn_temperature: bool = False
     # auxiliary losses
     lb_coef_image: float = 0.01
@@ -103,7 +103,7 @@ class UpcycleConfig:
                 bad(key, f"must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.val_fraction < 1:
             bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             bad("temperature", f"must be > 0, got {self.temperature}")
 
     def mcl_stages(self) -> int:

@@ -201,7 +201,9 @@ class Engine:
         with acc.autocast():
             out = model(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         core = acc.unwrap_model(model)
-        scale = core.logit_scale.exp() if self._opts["learn_temperature"] else 1.0 / cfg.temperature
+        # learned, the model's own (frozen) scale when no temperature is given, or the fixed 1/temperature
+        use_model_scale = self._opts["learn_temperature"] or cfg.temperature is None
+        scale = core.logit_scale.exp() if use_model_scale else 1.0 / cfg.temperature
         clip = clip_contrastive_loss(out.image_embeds, out.text_embeds, scale, self._opts["label_smoothing"],
                                      gather=gather_with_grad, normalize=True)
         losses = {"clip_loss": clip}

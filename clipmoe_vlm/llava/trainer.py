@@ -1,0 +1,280 @@
+"""LLaVA training on transformers' ``Trainer``: trainable sets, parameter groups, the MoE auxiliary loss.
+
+- `configure_trainable` is the one place that decides which parameters train, per stage and mode.
+- `LlavaTrainer` adds to ``Trainer``: parameter groups with their own learning rates (projector, router,
+  experts), LLaVA's ``group_by_modality_length`` sampler, and a ``compute_loss`` that
+
+  * runs the vision tower itself (``output_router_logits=True`` when the router or experts train) and hands the
+    features to the model through ``mm_encoder_outputs``, so the MoE load-balancing / z-loss of the tower
+    (`clipmoe_vlm.modeling_clip_moe.tower_aux_loss`, weighted by the tower config's coefficients) is added to the
+    language-model loss; both are logged separately (``lm_loss``, ``aux_loss``);
+  * feeds a batch without images a zero dummy image through tower and projector and adds ``0 *`` its features,
+    as LLaVA does, so that DDP / ZeRO-3 see every trainable parameter used on every rank; the dummy image is
+    never part of the routing statistics (no aux loss is computed from it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, Trainer
+
+from ..data.llava_dataset import ModalityLengthGroupedSampler
+from ..modeling_clip_moe import tower_aux_loss
+
+__all__ = [
+    "LM_LORA_TARGETS",
+    "LlavaTrainer",
+    "configure_trainable",
+    "llava_core",
+    "parameter_group_of",
+    "trainable_parameter_names",
+]
+
+# Linear layers of the language model that LoRA adapts, as a regex anchored to the language model's module path,
+# so no vision-tower or projector module can match (LLaVA's leaf-name list also matched CLIP's q/k/v_proj).
+LM_LORA_TARGETS = (r"(.*\.)?model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+                   r"|c_attn|c_proj|c_fc|query_key_value|dense|dense_h_to_4h|dense_4h_to_h|fc1|fc2|w1|w2|w3)")
+
+_PROJECTOR = re.compile(r"(^|\.)model\.multi_modal_projector\.")
+_ROUTER = re.compile(r"(^|\.)model\.vision_tower\..*\.mlp\.gate\.weight$")
+_EXPERTS = re.compile(r"(^|\.)model\.vision_tower\..*\.mlp\.experts\.")
+_LM = re.compile(r"(^|\.)(model\.language_model\.|lm_head\.)")
+_LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+def llava_core(model: nn.Module):
+    """The ``LlavaModel`` inside a (possibly peft-, DDP- or DeepSpeed-wrapped) ``LlavaForConditionalGeneration``."""
+    current = model
+    for _ in range(6):
+        if isinstance(current, LlavaForConditionalGeneration):
+            return current.model
+        if hasattr(current, "get_base_model"):  # peft
+            current = current.get_base_model()
+        elif hasattr(current, "module"):  # DDP / DeepSpeed engine
+            current = current.module
+        else:
+            break
+    raise TypeError(f"expected a LlavaForConditionalGeneration (possibly wrapped), got {type(model).__name__}")
+
+
+def parameter_group_of(name: str) -> str:
+    """``projector``, ``router``, ``experts``, ``lora``, ``language_model`` or ``vision_tower`` for a parameter name
+    of a (possibly peft-wrapped) LLaVA model."""
+    if _LORA.search(name):
+        return "lora"
+    if _PROJECTOR.search(name):
+        return "projector"
+    if _ROUTER.search(name):
+        return "router"
+    if _EXPERTS.search(name):
+        return "experts"
+    if _LM.search(name):
+        return "language_model"
+    return "vision_tower"
+
+
+def configure_trainable(model: nn.Module, stage: str, *, lora: bool = False, train_router: bool = False,
+                        train_experts: bool = False) -> list[str]:
+    """Set ``requires_grad`` for a stage and return the sorted names of the trainable parameters.
+
+    - ``pretrain``: the projector only;
+    - ``finetune``: projector + language model (embeddings, layers, norm, ``lm_head``);
+    - ``finetune`` with ``lora=True`` (the model already peft-wrapped): projector + the LoRA matrices (the base
+      LM stays frozen);
+    - ``train_router`` / ``train_experts`` (any stage) add the vision tower's MoE routers / experts.
+
+    Everything else, the rest of the vision tower included, is frozen (``requires_grad=False``; nothing is
+    wrapped in ``no_grad``, so gradients still flow through a frozen tower to trainable routers).
+
+    Raises:
+        ValueError: an unknown stage, LoRA in the pretrain stage, router/expert training on a tower without MoE
+            layers.
+    """
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
+    if lora and stage == "pretrain":
+        raise ValueError("LoRA applies to the finetune stage (the pretrain stage trains the projector only)")
+    wanted = {"projector"}
+    if stage == "finetune":
+        wanted.add("lora" if lora else "language_model")
+    if train_router:
+        wanted.add("router")
+    if train_experts:
+        wanted.add("experts")
+    names = []
+    groups_seen = set()
+    for name, parameter in model.named_parameters():
+        group = parameter_group_of(name)
+        groups_seen.add(group)
+        train = group in wanted
+        if train and not parameter.is_floating_point():  # quantized weights
+            train = False
+        parameter.requires_grad_(train)
+        if train:
+            names.append(name)
+    for needed, flag in (("router", "train_router"), ("experts", "train_experts")):
+        if needed in wanted and needed not in groups_seen:
+            raise ValueError(f"--{flag.replace('_', '-')}: the vision tower has no MoE {needed} parameters")
+    if lora and "lora" not in groups_seen:
+        raise ValueError("lora=True but the model has no LoRA parameters (wrap it with peft first)")
+    return sorted(names)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
+
+
+class LlavaTrainer(Trainer):
+    """``Trainer`` for LLaVA (see the module docstring).
+
+    Args (besides ``Trainer``'s):
+        group_lrs: learning rate per parameter group (`parameter_group_of`), e.g. ``{"projector": 2e-5}``;
+            groups not listed use ``args.learning_rate``.
+        aux_loss: add the vision tower's MoE auxiliary loss (with its config's coefficients).
+        group_by_modality_length: use `ModalityLengthGroupedSampler` over ``train_dataset.modality_lengths``.
+    """
+
+    def __init__(self, *args, group_lrs: dict[str, float] | None = None, aux_loss: bool = False,
+                 group_by_modality_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_lrs = dict(group_lrs or {})
+        self.aux_loss = aux_loss
+        self.group_by_modality_length = group_by_modality_length
+        # compute_loss returns per-batch means (LM loss and aux loss alike); the Trainer scales them for
+        # gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        self._running: dict[str, list[float]] = {"lm_loss": [], "aux_loss": []}
+
+    # ------------------------------------------------------------------ optimiser
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, parameter in opt_model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            lr = self.group_lrs.get(parameter_group_of(name), self.args.learning_rate)
+            weight_decay = self.args.weight_decay if name in decay else 0.0
+            groups.setdefault((lr, weight_decay), []).append(parameter)
+        param_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ sampler
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_modality_length and hasattr(dataset, "modality_lengths"):
+            return ModalityLengthGroupedSampler(
+                dataset.modality_lengths, batch_size=self.args.train_batch_size, world_size=self.args.world_size,
+                gradient_accumulation_steps=self.args.gradient_accumulation_steps, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        core = llava_core(model)
+        inputs = dict(inputs)
+        pixel_values = inputs.pop("pixel_values", None)
+        tower = core.vision_tower
+        routed = self.aux_loss and model.training and hasattr(tower.config, "num_experts")
+        dummy = pixel_values is None
+        if dummy:
+            size = tower.config.image_size
+            pixel_values = torch.zeros(1, 3, size, size, device=inputs["input_ids"].device)
+        pixel_values = pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype)
+        extra = {"output_router_logits": True} if routed and not dummy else {}
+        features = core.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+        if dummy:
+            outputs = model(**inputs)
+            zero = sum(feature.sum() for feature in features.pooler_output) * 0.0
+            lm_loss = outputs.loss + zero.to(outputs.loss.dtype)
+        else:
+            outputs = model(**inputs, mm_encoder_outputs={"image": features})
+            lm_loss = outputs.loss
+        loss = lm_loss
+        aux = None
+        if routed and not dummy:
+            aux = tower_aux_loss(features.router_logits, tower.config)
+            if aux is not None:
+                loss = loss + aux.to(loss.dtype)
+        if model.training:
+            self._running["lm_loss"].append(float(lm_loss.detach()))
+            if aux is not None:
+                self._running["aux_loss"].append(float(aux.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if hasattr(model, "peft_config") and self.args.should_save:
+            # peft saves only the LoRA matrices; the projector (and routers) train too and must come back on resume
+            from safetensors.torch import save_file
+
+            from .lora import NON_LORA_FILE, non_lora_state
+
+            save_file(non_lora_state(model), os.path.join(output_dir or self.args.output_dir, NON_LORA_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Restores the weights of a checkpoint.
+
+        ``save_pretrained`` (transformers 5.23) writes LLaVA checkpoints in the original key layout
+        (``language_model.model.*``, ``vision_tower.*``), which only ``from_pretrained`` maps back; the Trainer's own
+        ``load_state_dict(strict=False)`` would silently load nothing. Full models are therefore reloaded with
+        ``from_pretrained`` and copied strictly; peft models get their adapter (Trainer) plus the non-LoRA
+        trainables."""
+        model = self.model if model is None else model
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        folder = Path(resume_from_checkpoint)
+        if hasattr(unwrapped, "peft_config"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            from safetensors.torch import load_file
+
+            from .lora import NON_LORA_FILE
+
+            extra_file = folder / NON_LORA_FILE
+            if extra_file.is_file():
+                extra = load_file(str(extra_file))
+                base = unwrapped.get_base_model()
+                result = base.load_state_dict(extra, strict=False)
+                if result.unexpected_keys:
+                    raise KeyError(f"{extra_file}: keys not in the model: {result.unexpected_keys[:5]}")
+            return
+        if not isinstance(unwrapped, LlavaForConditionalGeneration):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        dtype = next(unwrapped.parameters()).dtype
+        loaded = type(unwrapped).from_pretrained(folder, dtype=dtype)
+        unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for key, values in self._running.items():
+                if values:
+                    logs[key] = round(sum(values) / len(values), 6)
+                    values.clear()
+        super().log(logs, start_time)
+
+
+def count_parameters(parameters: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+def summarize_trainable(model: nn.Module) -> dict[str, Any]:
+    """Trainable parameter counts per group (for logs and the model card)."""
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            group = parameter_group_of(name)
+            counts[group] = counts.get(group, 0) + parameter.numel()
+    return counts

@@ -1,0 +1,156 @@
+"""The benchmark's FLOP formulas, its naive per-expert peer, and a smoke run of `scripts/benchmark.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPMLP
+
+from clipmoe_vlm import CLIPMoESparseBlock, CLIPMoEVisionConfig, CLIPMoEVisionModel
+from clipmoe_vlm.benchmark import NaivePerExpertMoE, count_flops, moe_layer_flops, vision_tower_flops
+from clipmoe_vlm.moe import plan_routing
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+             patch_size=8)
+
+
+def _block(**overrides) -> CLIPMoESparseBlock:
+    cfg = CLIPMoEVisionConfig(**{**SMALL, "num_experts": 4, "top_k": 2, **overrides})
+    torch.manual_seed(0)
+    block = CLIPMoESparseBlock(cfg)
+    with torch.no_grad():
+        for p in block.experts.parameters():
+            p.normal_(0, 0.3)
+    return block.eval()
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_moe_layer_flops_match_flop_counter(top_k):
+    block = _block(top_k=top_k)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert count_flops(lambda: block(x)) == moe_layer_flops(10, 32, 48, 4, top_k)
+        dense = CLIPMLP(CLIPVisionConfig(**SMALL)).eval()
+        assert count_flops(lambda: dense(x)) == moe_layer_flops(10, 32, 48, 4, top_k, dense=True)
+    # the FLOP-equivalent dense contender: an MLP on k times the tokens
+    assert moe_layer_flops(10 * top_k, 32, 48, 4, top_k, dense=True) == \
+        moe_layer_flops(10, 32, 48, 4, top_k) - 2 * 10 * 32 * 4
+
+
+@pytest.mark.parametrize("moe_layers", [None, [1]])
+def test_vision_tower_flops_match_flop_counter(moe_layers):
+    dense_cfg = CLIPVisionConfig(**SMALL)
+    moe_cfg = CLIPMoEVisionConfig(**SMALL, num_experts=4, top_k=2, moe_layers=moe_layers)
+    torch.manual_seed(0)
+    pix = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        dense, moe = CLIPVisionModel(dense_cfg).eval(), CLIPMoEVisionModel(moe_cfg).eval()
+        assert count_flops(lambda: dense(pixel_values=pix)) == vision_tower_flops(dense_cfg, 3, moe=False)["total"]
+        assert count_flops(lambda: moe(pixel_values=pix)) == vision_tower_flops(moe_cfg, 3, moe=True)["total"]
+        # the same count with eager attention (plain matmuls, which FlopCounterMode knows without help)
+        eager = CLIPVisionModel(CLIPVisionConfig(**SMALL, attn_implementation="eager")).eval()
+        assert eager.config._attn_implementation == "eager"
+        with FlopCounterMode(display=False) as counter:
+            eager(pixel_values=pix)
+        assert counter.get_total_flops() == vision_tower_flops(dense_cfg, 3, moe=False)["total"]
+    parts = vision_tower_flops(moe_cfg, 3, moe=True)
+    assert parts["total"] == parts["patch"] + parts["attention"] + parts["ffn"]
+
+
+def test_naive_peer_matches_block_with_empty_expert():
+    block = _block()
+    with torch.no_grad():  # a router that never picks expert 3
+        block.gate.weight[3] = -100.0 * block.gate.weight[:3].abs().sum(0)
+    x = torch.randn(3, 7, 32).abs()
+    plan = plan_routing(*block.gate(x.reshape(-1, 32))[1:], num_experts=4)
+    assert plan.counts[3] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("top_k,norm", [(1, True), (2, True), (2, False), (3, True)])
+def test_naive_peer_matches_block_random_routing(seed, top_k, norm):
+    block = _block(top_k=top_k, norm_topk_prob=norm)
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
+        x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(100 + seed))
+        torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bpr", [False, True])
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0])
+def test_naive_peer_matches_block_with_capacity_drops(capacity_factor, bpr):
+    block = _block(capacity_factor=capacity_factor, batch_priority_routing=bpr)
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        flat = x.reshape(-1, 32)
+        logits, w, idx = block.gate(flat)
+        priority = logits.softmax(-1).amax(-1) if bpr else None
+        kept = plan_routing(w, idx, 4, capacity_factor, priority).kept
+        if capacity_factor < 1.0:
+            assert not kept.all()  # some assignments really are dropped
+        torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_names_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        _script().main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--items", "--quick", "--dtypes", "--repeats", "--threads", "--profile", "--json", "--seed"):
+        assert flag in text
+
+
+def test_quick_smoke_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    _script().main(["--quick", "--items", "moe_layer", "tower", "train", "generate", "data", "--dtypes", "fp32",
+                    "--repeats", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["items"]) == {"moe_layer", "tower", "train", "generate", "data"}
+    for key in ("cpu", "logical_cores", "torch", "torch_threads", "load_average", "isa", "bf16_native"):
+        assert key in result["machine_before"]
+    row = result["items"]["moe_layer"][0]
+    assert row["dtype"] == "fp32" and row["moe_over_dense"] > 0 and row["naive_over_dense"] > 0
+    assert all(v > 0 for v in row["median_s"].values())
+    tower = result["items"]["tower"][0]
+    assert tower["ideal_time_ratio"] > 1 and tower["efficiency"] > 0 and tower["images_per_s"]["moe"] > 0
+    assert {r["stage"] for r in result["items"]["train"]} == {"router", "mcl"}
+    assert all(r["fraction_of_peak"] > 0 and r["flops_per_step"] > 0 for r in result["items"]["train"])
+    gen = result["items"]["generate"]
+    assert gen["moe_over_dense_tokens_per_s"] > 0 and gen["tokens_per_s"]["dense"] > 0
+    data = result["items"]["data"]
+    assert data["loader_samples_per_s"] > 0 and data["train_step_samples_per_s"] > 0
+
+
+def test_train_step_flops_count_sdpa_like_eager():
+    """A tiny CLIP-MoE: the forward FLOPs counted with SDPA equal the eager-attention count; a training step's
+    SDPA count is at least the eager one (the CPU attention backward computes dQ, dK, dV even where autograd
+    on eager attention skips them, e.g. the first layer behind frozen embeddings)."""
+    from clipmoe_vlm.benchmark import _clip_moe, _train_step_fn, vit_clip_config
+
+    forward, step = [], []
+    for impl in ("sdpa", "eager"):
+        model = _clip_moe(vit_clip_config("tiny"))
+        model.set_attn_implementation(impl)
+        assert model.config.vision_config._attn_implementation == impl
+        ids = torch.randint(1, 1000, (2, 77))
+        pix = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            forward.append(count_flops(lambda: model(input_ids=ids, pixel_values=pix)))
+        step.append(count_flops(_train_step_fn(model, "mcl", 4)))
+    assert forward[0] == forward[1] > 0
+    assert step[0] >= step[1] > 2 * forward[1]

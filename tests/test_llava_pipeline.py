@@ -1,0 +1,493 @@
+"""LLaVA-1.5 pipeline with the CLIP-MoE tower: builder, trainable sets, LoRA/QLoRA, merge, resume, end-to-end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_VISION
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2Config,
+)
+
+import clipmoe_vlm  # noqa: F401  (registers the CLIP-MoE classes)
+from clipmoe_vlm import CLIPMoEVisionModel
+from clipmoe_vlm.data.tokenizer import build_local_tokenizer
+from clipmoe_vlm.llava import build_llava
+from clipmoe_vlm.llava.inference import answer_questions, build_prompt
+from clipmoe_vlm.llava.lora import QUANT_SKIP_MODULES, apply_lora, load_lora_llava, merge_lora, save_lora
+from clipmoe_vlm.llava.trainer import configure_trainable, trainable_parameter_names
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = ["a red circle is left of a blue square", "what color is the circle?", "the circle is red",
+         "how many shapes are there?", "there are two shapes", "describe the image briefly"] * 8
+NUM_PATCHES = (32 // 8) ** 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one BLAS thread is several times faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tokenizer():
+    return build_local_tokenizer(TEXTS, vocab_size=300)
+
+
+def _llama(vocab: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def moe_tower():
+    from upcycle import sparse_upcycle
+
+    torch.manual_seed(0)
+    dense = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
+    return sparse_upcycle(dense, num_experts=4, top_k=2)
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory, moe_tower):
+    """A saved tiny LLaVA folder (CLIP-MoE tower + tiny Llama), with its processor."""
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    model, processor = build_llava(moe_tower, _llama(len(tokenizer)), tokenizer)
+    folder = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _inputs(processor, n=2, question="what color is the circle?"):
+    images = [Image.new("RGB", (40, 30 + 4 * i), (200, 30 * i, 10)) for i in range(n)]
+    prompts = [build_prompt(question)] * n
+    return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+
+# --------------------------------------------------------------------------- builder
+def test_builder_round_trip(moe_tower, tmp_path):
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    model, processor = build_llava(moe_tower, _llama(len(tokenizer)), tokenizer)
+    assert isinstance(model.model.vision_tower, CLIPMoEVisionModel)
+    assert model.config.image_seq_length == NUM_PATCHES
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert processor.image_processor.do_pad and processor.image_processor.crop_size["height"] == 32
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded.model.vision_tower, CLIPMoEVisionModel)
+    inputs = _inputs(processor)
+    again = _inputs(loaded_processor)
+    for key in inputs:
+        torch.testing.assert_close(inputs[key], again[key])
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * NUM_PATCHES
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    assert loaded_processor.tokenizer.chat_template == processor.tokenizer.chat_template
+
+
+def test_builder_adds_image_token_and_qwen2_and_dense_tower(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "b", "c"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    qwen = Qwen2Config(vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    from upcycle.sources import tiny_clip_config
+
+    dense = CLIPModel(tiny_clip_config(image_size=32, patch_size=8, width=32, layers=2, text_layers=1,
+                                       vocab_size=50, context_length=8))
+    dense.save_pretrained(tmp_path / "clip")
+    model, processor = build_llava(tmp_path / "clip", qwen, tokenizer)
+    assert type(model.model.vision_tower) is CLIPVisionModel
+    assert model.config.image_token_id == 6 and model.get_input_embeddings().weight.shape[0] == 7
+    assert tokenizer.pad_token == "<unk>"
+    out = model(**_inputs(processor, n=1, question="a b"))
+    assert out.logits.shape[-1] == 7
+
+
+def test_projector_hidden_size_mismatch_is_one_clear_error(moe_tower):
+    tokenizer = _tokenizer()
+    wrong = {"linear_1.weight": torch.zeros(32, 48), "linear_1.bias": torch.zeros(32),
+             "linear_2.weight": torch.zeros(32, 32), "linear_2.bias": torch.zeros(32)}
+    with pytest.raises(ValueError, match="vision tower's hidden_size is 32"):
+        build_llava(moe_tower, _llama(len(tokenizer)), tokenizer, projector=wrong)
+    with pytest.raises(ValueError, match="projector must be one of"):
+        build_llava(moe_tower, _llama(len(tokenizer)), tokenizer, projector="linear")
+
+
+def test_pretrained_projector_in_llava_layout_loads(moe_tower):
+    tokenizer = _tokenizer()
+    torch.manual_seed(1)
+    state = {"model.mm_projector.0.weight": torch.randn(32, 32), "model.mm_projector.0.bias": torch.randn(32),
+             "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32)}
+    model, _ = build_llava(moe_tower, _llama(len(tokenizer)), tokenizer, projector=state)
+    assert torch.equal(model.model.multi_modal_projector.linear_2.bias, state["model.mm_projector.2.bias"])
+
+
+# --------------------------------------------------------------------------- trainable sets
+def _names(model, group_filter):
+    return sorted(n for n, _ in model.named_parameters() if group_filter(n))
+
+
+def test_trainable_sets_per_stage(llava_dir):
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    projector = _names(model, lambda n: n.startswith("model.multi_modal_projector."))
+    assert len(projector) == 4
+    lm = _names(model, lambda n: n.startswith(("model.language_model.", "lm_head.")))
+    routers = _names(model, lambda n: n.startswith("model.vision_tower.") and n.endswith(".mlp.gate.weight"))
+    experts = _names(model, lambda n: ".mlp.experts." in n)
+    assert len(routers) == 3 and len(experts) == 3 * 4
+
+    assert configure_trainable(model, "pretrain") == projector
+    assert trainable_parameter_names(model) == projector
+    assert configure_trainable(model, "finetune") == sorted(projector + lm)
+    assert configure_trainable(model, "pretrain", train_router=True) == sorted(projector + routers)
+    assert configure_trainable(model, "finetune", train_router=True, train_experts=True) == sorted(
+        projector + lm + routers + experts)
+    with pytest.raises(ValueError, match="LoRA applies to the finetune stage"):
+        configure_trainable(model, "pretrain", lora=True)
+
+    peft_model = apply_lora(model, r=4, alpha=8)
+    names = configure_trainable(peft_model, "finetune", lora=True)
+    lora = [n for n in names if ".lora_" in n]
+    assert names == sorted(lora + ["base_model.model." + n for n in projector])
+    # LoRA only on the language model's linear layers: 2 layers x 7 projections x (A, B)
+    assert len(lora) == 2 * 7 * 2
+    assert all(".language_model." in n for n in lora)
+    assert not any(".lora_" in n for n, _ in peft_model.named_parameters()
+                   if ".vision_tower." in n or ".multi_modal_projector." in n)
+
+
+def test_text_only_batch_uses_tower_and_projector_without_routing_stats(llava_dir, tmp_path):
+    from transformers import TrainingArguments
+
+    from clipmoe_vlm.llava.trainer import LlavaTrainer
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    configure_trainable(model, "finetune", train_router=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = LlavaTrainer(model=model, args=args, aux_loss=True)
+    model.train()
+    ids = processor.tokenizer(["name two colors. red, blue"], return_tensors="pt")["input_ids"]
+    loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    loss.backward()
+    # the dummy image reaches the projector and routers (zero gradient, but part of the graph) ...
+    assert model.model.multi_modal_projector.linear_1.weight.grad is not None
+    assert model.model.vision_tower.encoder.layers[0].mlp.gate.weight.grad is not None
+    # ... and is not part of the routing statistics: no aux loss was recorded for it
+    assert trainer._running["aux_loss"] == [] and len(trainer._running["lm_loss"]) == 1
+    model.zero_grad()
+    inputs = _inputs(processor)
+    labels = inputs["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100
+    trainer.compute_loss(model, {**inputs, "labels": labels}).backward()
+    assert len(trainer._running["aux_loss"]) == 1 and trainer._running["aux_loss"][0] > 0
+    assert model.model.vision_tower.encoder.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_router_training_on_dense_tower_is_an_error(tmp_path):
+    tokenizer = _tokenizer()
+    dense = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
+    model, _ = build_llava(dense, _llama(len(tokenizer)), tokenizer)
+    with pytest.raises(ValueError, match="--train-router: the vision tower has no MoE router"):
+        configure_trainable(model, "finetune", train_router=True)
+
+
+# --------------------------------------------------------------------------- LoRA / QLoRA / merge
+def test_lora_training_step_touches_no_tower_or_projector_base_weights(llava_dir):
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = apply_lora(model, r=4, alpha=8)
+    configure_trainable(peft_model, "finetune", lora=True)
+    inputs = _inputs(processor)
+    labels = inputs["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):
+        peft_model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in peft_model.named_parameters()
+             if ".lora_" not in n}
+    for name, value in before.items():
+        changed = not torch.equal(value, after[name])
+        # the projector trains (its own group); the tower and the base LM must not move
+        assert changed == name.startswith("model.multi_modal_projector."), name
+
+
+def test_qlora_leaves_tower_and_projector_unquantized(llava_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    from clipmoe_vlm.llava.lora import quantization_config
+
+    assert QUANT_SKIP_MODULES == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    for bits in (4, 8):
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(
+                llava_dir, quantization_config=quantization_config(bits), device_map={"": "cpu"})
+        except (RuntimeError, ImportError, ValueError) as error:  # pragma: no cover - depends on the bnb build
+            pytest.skip(f"bitsandbytes {bnb.__version__} cannot load {bits}-bit weights on this machine: {error}")
+        quantized = [n for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+        assert len(quantized) == 2 * 7, quantized  # every LM linear layer
+        assert all(n.startswith("model.language_model.") for n in quantized)
+        assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+                       for n, m in model.named_modules()
+                       if n.startswith(("model.vision_tower", "model.multi_modal_projector", "lm_head")))
+        assert model.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+
+
+def test_merge_equals_adapter_plus_base(llava_dir, tmp_path):
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    configure_trainable(peft_model, "finetune", lora=True)
+    torch.manual_seed(3)
+    with torch.no_grad():  # move LoRA B away from zero and the projector away from its base values
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    save_lora(peft_model, tmp_path / "lora", base_folder=llava_dir)
+    processor.save_pretrained(tmp_path / "lora")
+    inputs = _inputs(processor)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+    adapter, _ = load_lora_llava(tmp_path / "lora")
+    merged_dir = merge_lora(tmp_path / "lora", tmp_path / "merged")
+    merged = LlavaForConditionalGeneration.from_pretrained(merged_dir).eval()
+    assert (merged_dir / "README.md").is_file()
+    assert AutoProcessor.from_pretrained(merged_dir).tokenizer.image_token == "<image>"
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(**inputs).logits, expected)
+        torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+        base = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()(**inputs).logits
+    assert not torch.allclose(base, expected)
+
+
+# --------------------------------------------------------------------------- DeepSpeed configs
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_deepspeed_configs_have_no_optimizer_or_scheduler(name):
+    config = json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
+    assert "optimizer" not in config and "scheduler" not in config
+    assert config["zero_optimization"]["stage"] == int(name[-1])
+    assert config["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_llava_yaml_configs_parse():
+    from clipmoe_vlm.llava.train import load_config
+
+    files = sorted((REPO / "configs" / "llava").glob("*.yaml"))
+    assert files
+    for path in files:
+        cfg = load_config(["--config", str(path)])
+        assert cfg.stage in ("pretrain", "finetune"), path
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from clipmoe_vlm.data.shapes import generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, n_train=2, n_pretrain=16, n_instruct=12, n_eval=2, n_mmvet=1, n_retrieval=1,
+                   n_zeroshot_per_class=1, n_mmvp_pairs=1, image_size=32, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tower_dir(tmp_path_factory):
+    """A stand-in for runs/clip-moe: a tiny CLIP upcycled to a CLIP-MoE folder."""
+    from upcycle import sparse_upcycle
+    from upcycle.sources import tiny_clip_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip-moe")
+    config = tiny_clip_config(image_size=32, patch_size=8, width=32, layers=3, text_layers=1, vocab_size=64,
+                              context_length=8)
+    sparse_upcycle(CLIPModel(config), num_experts=4, top_k=2).save_pretrained(folder)
+    return folder
+
+
+def _common(world, out, *extra):
+    return ["--image-folder", str(world / "llava"), "--per-device-train-batch-size", "4", "--logging-steps", "1",
+            "--tiny-lm-hidden-size", "32", "--tiny-vocab-size", "400", "--model-max-length", "320",
+            "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_world, tower_dir, tmp_path_factory):
+    from clipmoe_vlm.llava.train import load_config, run
+
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    argv = ["--stage", "pretrain", "--vision-tower", str(tower_dir), "--data-path",
+            str(tiny_world / "llava" / "pretrain.json"), *_common(tiny_world, out)]
+    return run(load_config(argv))
+
+
+def test_end_to_end_pretrain_then_finetune(pretrained, tiny_world, tmp_path):
+    from clipmoe_vlm.llava.train import main
+
+    out = pretrained.output_dir
+    assert pretrained.trainable == [f"model.multi_modal_projector.linear_{i}.{k}" for i in (1, 2)
+                                    for k in ("bias", "weight")]
+    assert pretrained.metrics["global_step"] == 4
+    for name in ("config.json", "model.safetensors", "processor_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert isinstance(model.model.vision_tower, CLIPMoEVisionModel)
+    assert processor.image_processor.do_pad is False  # stage 1: image_aspect_ratio square (LLaVA-1.5)
+
+    ft = main(["--stage", "finetune", "--model", str(out), "--data-path", str(tiny_world / "llava" / "instruct.json"),
+               "--train-router", "--gradient-checkpointing", *_common(tiny_world, tmp_path / "finetune")])
+    tuned = LlavaForConditionalGeneration.from_pretrained(ft).eval()
+    tuned_processor = AutoProcessor.from_pretrained(ft)
+    assert tuned_processor.image_processor.do_pad is True  # stage 2: pad
+    # frozen tower: only the routers moved; everything else in the tower is unchanged
+    base_state, tuned_state = model.state_dict(), tuned.state_dict()
+    moved = {k for k in base_state if k.startswith("model.vision_tower.") and not torch.equal(base_state[k],
+                                                                                              tuned_state[k])}
+    assert moved and all(k.endswith(".mlp.gate.weight") for k in moved)
+    history = [entry for entry in json.loads((next(ft.glob("checkpoint-*")) / "trainer_state.json").read_text())
+               ["log_history"] if "loss" in entry]
+    # LM and aux losses are logged separately; a text-only batch (dummy image, no routing statistics) has no aux
+    assert history and all("lm_loss" in e for e in history) and any("aux_loss" in e for e in history)
+    image = Image.open(tiny_world / "llava" / "images" / "instruct" / "000001.png")
+    (answer,) = answer_questions(tuned, tuned_processor, ["What color is the shape?"], [image], max_new_tokens=4)
+    assert isinstance(answer, str)
+    assert "README" not in answer and processor.tokenizer.image_token == "<image>"
+
+
+def test_resume_continues_at_the_exact_step(pretrained, tiny_world, tmp_path):
+    import shutil
+
+    from clipmoe_vlm.llava.train import load_config, run
+
+    argv = ["--stage", "finetune", "--model", str(pretrained.output_dir), "--data-path",
+            str(tiny_world / "llava" / "instruct.json"), "--max-steps", "4", "--save-steps", "2",
+            "--save-total-limit", "3", "--group-by-modality-length", "false"]
+    full = run(load_config(argv + _common(tiny_world, tmp_path / "a")))
+    reference = LlavaForConditionalGeneration.from_pretrained(full.output_dir).state_dict()
+
+    # a run interrupted after step 2: its last checkpoint is checkpoint-2
+    shutil.copytree(full.output_dir / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = run(load_config(argv + _common(tiny_world, tmp_path / "b") + ["--resume"]))
+    state = json.loads((tmp_path / "b" / "checkpoint-4" / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == [1, 2, 3, 4]  # 1-2 from the checkpoint, 3-4 after resuming
+    assert resumed.metrics["global_step"] == 4
+    again = LlavaForConditionalGeneration.from_pretrained(resumed.output_dir).state_dict()
+    for key, value in reference.items():
+        torch.testing.assert_close(again[key], value, msg=key)
+
+
+def test_lora_resume_restores_adapter_and_projector(pretrained, tiny_world, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from clipmoe_vlm.llava.train import load_config, run
+
+    argv = ["--stage", "finetune", "--lora", "--lora-r", "4", "--lora-alpha", "8", "--model",
+            str(pretrained.output_dir), "--data-path", str(tiny_world / "llava" / "instruct.json"), "--max-steps", "4",
+            "--save-steps", "2", "--save-total-limit", "3", "--group-by-modality-length", "false",
+            "--learning-rate", "1e-2", "--projector-lr", "1e-2"]
+    full = run(load_config(argv + _common(tiny_world, tmp_path / "a")))
+    shutil.copytree(full.output_dir / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    assert (tmp_path / "b" / "checkpoint-2" / "non_lora_trainables.safetensors").is_file()
+    resumed = run(load_config(argv + _common(tiny_world, tmp_path / "b") + ["--resume"]))
+    assert resumed.metrics["global_step"] == 4
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        expected, got = load_file(str(full.output_dir / name)), load_file(str(resumed.output_dir / name))
+        assert sorted(expected) == sorted(got)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], msg=key)
+
+
+def test_lora_run_saves_adapter_and_non_lora_trainables(pretrained, tiny_world, tmp_path):
+    from clipmoe_vlm.llava.train import main
+
+    out = main(["--stage", "finetune", "--lora", "--lora-r", "4", "--lora-alpha", "8", "--max-steps", "2",
+                "--model", str(pretrained.output_dir), "--data-path", str(tiny_world / "llava" / "instruct.json"),
+                *_common(tiny_world, tmp_path / "lora")])
+    for name in ("adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
+                 "processor_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    from safetensors.torch import load_file
+
+    extra = load_file(str(out / "non_lora_trainables.safetensors"))
+    assert sorted(extra) == [f"model.multi_modal_projector.linear_{i}.{k}" for i in (1, 2) for k in ("bias", "weight")]
+    model, _ = load_lora_llava(out, merge=True)
+    assert isinstance(model, LlavaForConditionalGeneration)
+
+
+def test_qlora_run_trains_lora_and_projector_only(pretrained, tiny_world, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from clipmoe_vlm.llava.train import load_config, run
+
+    argv = ["--stage", "finetune", "--lora", "--bits", "4", "--lora-r", "4", "--lora-alpha", "8", "--max-steps", "2",
+            "--model", str(pretrained.output_dir), "--data-path", str(tiny_world / "llava" / "instruct.json"),
+            *_common(tiny_world, tmp_path / "qlora")]
+    try:
+        result = run(load_config(argv))
+    except (RuntimeError, NotImplementedError) as error:  # pragma: no cover - depends on the bnb build
+        pytest.skip(f"bitsandbytes {bnb.__version__} cannot train 4-bit on this machine: {error}")
+    model = result.trainer.model
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules()
+                   if ".vision_tower" in n or ".multi_modal_projector" in n or n.endswith("lm_head"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    groups = {name.split(".lora_")[0].split(".")[-1] if ".lora_" in name else name.split(".")[-2]
+              for name in result.trainable}
+    assert {"linear_1", "linear_2", "q_proj", "down_proj"} <= groups
+    assert all(".lora_" in n or ".multi_modal_projector." in n for n in result.trainable)
+    merged, _ = load_lora_llava(result.output_dir, merge=True)
+    assert isinstance(merged, LlavaForConditionalGeneration)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_inputs_give_one_clear_error_each(pretrained, tiny_world, tmp_path):
+    from clipmoe_vlm.llava.train import load_config, run
+
+    base = ["--stage", "finetune", "--model", str(pretrained.output_dir), "--max-steps", "1"]
+    with pytest.raises(FileNotFoundError, match="--image-folder .*missing-images is not a directory"):
+        run(load_config(base + ["--data-path", str(tiny_world / "llava" / "instruct.json")]
+                        + _common(tiny_world, tmp_path / "x") + ["--image-folder", str(tmp_path / "missing-images")]))
+
+    records = json.loads((tiny_world / "llava" / "instruct.json").read_text())
+    sample = next(r for r in records if "image" in r)
+    sample = json.loads(json.dumps(sample))
+    sample["conversations"][0]["value"] = sample["conversations"][0]["value"].replace("<image>", "").strip()
+    bad = tmp_path / "no_image_token.json"
+    bad.write_text(json.dumps([sample]))
+    with pytest.raises(ValueError, match="image sample without '<image>' in its text"):
+        run(load_config(base + ["--data-path", str(bad), "--strict"] + _common(tiny_world, tmp_path / "y")))
+
+    with pytest.raises(FileNotFoundError, match="--model .* not a LLaVA folder"):
+        run(load_config(["--stage", "finetune", "--model", str(tmp_path / "nothing"), "--data-path",
+                         str(bad)] + _common(tiny_world, tmp_path / "z")))
+    with pytest.raises(ValueError, match="QLoRA\\) needs --lora"):
+        run(load_config(base + ["--bits", "4", "--data-path", str(bad)] + _common(tiny_world, tmp_path / "w")))
