@@ -21,9 +21,9 @@ Items (``--items``):
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -222,6 +222,38 @@ class NaivePerExpertMoE(nn.Module):
         return out.to(hidden_states.dtype).view(batch, seq, hidden)
 
 
+def padded_bmm_grouped_forward(experts, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Candidate replacement of `CLIPMoEExperts.grouped_forward` off the grouped-GEMM path: the sorted tokens
+    are copied into zero-padded (E, max(counts), H) buffers and each projection is one ``torch.baddbmm`` over
+    all experts (2 matmul calls instead of 2E, and E independent GEMMs that the BLAS can spread over threads),
+    at the price of computing the padding rows. Same values as the loop (padding rows are dropped)."""
+    num_experts, cmax = len(counts), max(counts)
+    if cmax == 0:
+        return x_sorted.new_zeros(x_sorted.shape)
+    valid = torch.arange(cmax, device=x_sorted.device)[None, :] < torch.tensor(counts, device=x_sorted.device)[:, None]
+    buf = x_sorted.new_zeros(num_experts, cmax, x_sorted.shape[1])
+    buf[valid] = x_sorted  # row-major over (expert, slot) = the expert-sorted order
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else buf.dtype
+    with torch.autocast("cpu", enabled=False):
+        buf = buf.to(dtype)
+        h = torch.baddbmm(experts.fc1_bias[:, None, :].to(dtype), buf, experts.fc1_weight.to(dtype).transpose(1, 2))
+        h = experts.dropout(experts.activation_fn(h))
+        out = torch.baddbmm(experts.fc2_bias[:, None, :].to(dtype), h, experts.fc2_weight.to(dtype).transpose(1, 2))
+    return out[valid]
+
+
+def with_padded_bmm(block):
+    """A copy of ``block`` (sharing its parameters) whose experts run `padded_bmm_grouped_forward`."""
+    import copy
+
+    clone = copy.copy(block)
+    clone._modules = dict(block._modules)
+    experts = copy.copy(block.experts)
+    experts.grouped_forward = lambda x, counts: padded_bmm_grouped_forward(experts, x, counts)
+    clone._modules["experts"] = experts
+    return clone
+
+
 # ------------------------------------------------------------------------------------------------ items
 
 
@@ -249,34 +281,45 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
         moe = CLIPMoESparseBlock(cfg).eval()
         dense = CLIPMLP(cfg).eval()
         naive = NaivePerExpertMoE(moe).eval()
+        candidate = with_padded_bmm(moe)
         x = torch.randn(batch, spec["seq"], spec["hidden"])
         x2 = torch.cat([x, x], dim=0)  # twice the tokens: the FLOPs of top-2
         t = batch * spec["seq"]
         flops_moe = moe_layer_flops(t, spec["hidden"], spec["intermediate"], 4, 2)
         flops_dense = moe_layer_flops(2 * t, spec["hidden"], spec["intermediate"], 4, 2, dense=True)
-        def run(m, inp):
+        def run(m, inp, dt=dtype):
             def f():
-                with torch.no_grad(), _autocast(dtype):
+                with torch.no_grad(), _autocast(dt):
                     return m(inp)
             return f
-        if True:
-            res = interleaved({"dense_2x_tokens": run(dense, x2), "moe": run(moe, x), "naive_loop": run(naive, x)},
-                              repeats=repeats, reference="dense_2x_tokens")
-            ratio = res["ratio_to_dense_2x_tokens"]
-            row = {"size": size, "dtype": dtype, "tokens": t, "hidden": spec["hidden"],
-                   "intermediate": spec["intermediate"], "num_experts": 4, "top_k": 2,
-                   "flops_moe": flops_moe, "flops_dense_2x": flops_dense,
-                   "median_s": res["median_s"], "min_s": res["min_s"],
-                   "moe_over_dense": ratio["moe"], "naive_over_dense": ratio["naive_loop"],
-                   "moe_over_naive": statistics.median(
-                       [a / b for a, b in zip(res["times_s"]["moe"], res["times_s"]["naive_loop"])]),
-                   "dense_gflops_per_s": flops_dense / res["median_s"]["dense_2x_tokens"] / 1e9,
-                   "target": "<= 1.05", "pass": ratio["moe"] <= 1.05}
-            rows.append(row)
-            log(f"moe_layer {size:12s} {dtype:4s} T={t:5d}  dense(2T) {res['median_s']['dense_2x_tokens']*1e3:8.1f} ms"
-                f"  moe {res['median_s']['moe']*1e3:8.1f} ms  naive {res['median_s']['naive_loop']*1e3:8.1f} ms"
-                f"  moe/dense {ratio['moe']:.3f} (target <= 1.05, {'ok' if row['pass'] else 'MISS'})"
-                f"  naive/dense {ratio['naive_loop']:.3f}")
+        contenders = {"dense_2x_tokens": run(dense, x2), "moe": run(moe, x), "naive_loop": run(naive, x),
+                      "moe_padded_bmm_candidate": run(candidate, x)}
+        if dtype == "bf16":  # the fp32 twins, timed in the same rounds: bf16 vs fp32 on this CPU
+            contenders.update({"dense_2x_tokens_fp32": run(dense, x2, "fp32"), "moe_fp32": run(moe, x, "fp32")})
+        res = interleaved(contenders, repeats=repeats, reference="dense_2x_tokens")
+        ratio = res["ratio_to_dense_2x_tokens"]
+        row = {"size": size, "dtype": dtype, "tokens": t, "hidden": spec["hidden"],
+               "intermediate": spec["intermediate"], "num_experts": 4, "top_k": 2,
+               "flops_moe": flops_moe, "flops_dense_2x": flops_dense,
+               "median_s": res["median_s"], "min_s": res["min_s"],
+               "moe_over_dense": ratio["moe"], "naive_over_dense": ratio["naive_loop"],
+               "padded_bmm_candidate_over_dense": ratio["moe_padded_bmm_candidate"],
+               "moe_over_naive": statistics.median(
+                   [a / b for a, b in zip(res["times_s"]["moe"], res["times_s"]["naive_loop"])]),
+               "dense_gflops_per_s": flops_dense / res["median_s"]["dense_2x_tokens"] / 1e9,
+               "target": "<= 1.05", "pass": ratio["moe"] <= 1.05}
+        if dtype == "bf16":
+            row["bf16_over_fp32_time"] = {
+                name: statistics.median([a / b for a, b in zip(res["times_s"][name], res["times_s"][name + suffix])])
+                for name, suffix in (("dense_2x_tokens", "_fp32"), ("moe", "_fp32"))}
+        rows.append(row)
+        log(f"moe_layer {size:12s} {dtype:4s} T={t:5d}  dense(2T) {res['median_s']['dense_2x_tokens']*1e3:8.1f} ms"
+            f"  moe {res['median_s']['moe']*1e3:8.1f} ms  naive {res['median_s']['naive_loop']*1e3:8.1f} ms"
+            f"  moe/dense {ratio['moe']:.3f} (target <= 1.05, {'ok' if row['pass'] else 'MISS'})"
+            f"  naive/dense {ratio['naive_loop']:.3f}  padded-bmm candidate/dense "
+            f"{ratio['moe_padded_bmm_candidate']:.3f}"
+            + (f"  bf16/fp32 time: dense {row['bf16_over_fp32_time']['dense_2x_tokens']:.2f}, moe "
+               f"{row['bf16_over_fp32_time']['moe']:.2f}" if dtype == "bf16" else ""))
     return rows
 
 
@@ -309,26 +352,34 @@ def bench_tower(cases: list[tuple[str, int | None, int, str, int]], dtypes: list
         pix = torch.randn(batch, 3, dcfg.image_size, dcfg.image_size)
         fd, fm = vision_tower_flops(dcfg, batch, moe=False), vision_tower_flops(mcfg, batch, moe=True)
         ideal = fm["total"] / fd["total"]
-        if True:
-            def run(m):
-                def f():
-                    with torch.no_grad(), _autocast(dtype):
-                        return m(pixel_values=pix)
-                return f
-            res = interleaved({"dense": run(dense), "moe": run(moe)}, repeats=repeats, reference="dense")
-            measured = res["ratio_to_dense"]["moe"]
-            row = {"size": size, "layers": dcfg.num_hidden_layers, "batch": batch, "dtype": dtype,
-                   "flops_dense": fd, "flops_moe": fm, "ideal_time_ratio": ideal,
-                   "median_s": res["median_s"],
-                   "images_per_s": {k: batch / v for k, v in res["median_s"].items()},
-                   "measured_time_ratio": measured, "efficiency": ideal / measured,
-                   "dense_gflops_per_s": fd["total"] / res["median_s"]["dense"] / 1e9,
-                   "target": ">= 0.95", "pass": ideal / measured >= 0.95}
-            rows.append(row)
-            log(f"tower     {size:12s} {dtype:4s} L={dcfg.num_hidden_layers:2d} B={batch}  dense "
-                f"{row['images_per_s']['dense']:7.2f} img/s  moe {row['images_per_s']['moe']:7.2f} img/s  "
-                f"time ratio {measured:.3f} vs ideal {ideal:.3f}  efficiency {row['efficiency']:.3f} "
-                f"(target >= 0.95, {'ok' if row['pass'] else 'MISS'})")
+        def run(m, dt=dtype, images=pix):
+            def f():
+                with torch.no_grad(), _autocast(dt):
+                    return m(pixel_values=images)
+            return f
+        contenders = {"dense": run(dense), "moe": run(moe)}
+        if dtype == "bf16":
+            contenders.update({"dense_fp32": run(dense, "fp32"), "moe_fp32": run(moe, "fp32")})
+        res = interleaved(contenders, repeats=repeats, reference="dense")
+        measured = res["ratio_to_dense"]["moe"]
+        row = {"size": size, "layers": dcfg.num_hidden_layers, "batch": batch, "dtype": dtype,
+               "flops_dense": fd, "flops_moe": fm, "ideal_time_ratio": ideal,
+               "median_s": res["median_s"],
+               "images_per_s": {k: batch / v for k, v in res["median_s"].items()},
+               "measured_time_ratio": measured, "efficiency": ideal / measured,
+               "dense_gflops_per_s": fd["total"] / res["median_s"]["dense"] / 1e9,
+               "target": ">= 0.95", "pass": ideal / measured >= 0.95}
+        if dtype == "bf16":
+            row["bf16_over_fp32_time"] = {
+                name: statistics.median([a / b for a, b in zip(res["times_s"][name], res["times_s"][name + "_fp32"])])
+                for name in ("dense", "moe")}
+        rows.append(row)
+        log(f"tower     {size:12s} {dtype:4s} L={dcfg.num_hidden_layers:2d} B={batch}  dense "
+            f"{row['images_per_s']['dense']:7.2f} img/s  moe {row['images_per_s']['moe']:7.2f} img/s  "
+            f"time ratio {measured:.3f} vs ideal {ideal:.3f}  efficiency {row['efficiency']:.3f} "
+            f"(target >= 0.95, {'ok' if row['pass'] else 'MISS'})"
+            + (f"  bf16/fp32 time: dense {row['bf16_over_fp32_time']['dense']:.2f}, moe "
+               f"{row['bf16_over_fp32_time']['moe']:.2f}" if dtype == "bf16" else ""))
     return rows
 
 
@@ -434,7 +485,7 @@ def _llava(vision_config, lm: dict):
 
 
 def bench_generate(vision_size: str, vision_layers: int, lm: dict, new_tokens: int, repeats: int,
-                   log=print) -> dict:
+                   name: str = "", log=print) -> dict:
     dcfg, mcfg = _vision_configs(vision_size, vision_layers)
     dense, n_patch = _llava(dcfg, lm)
     moe, _ = _llava(mcfg, lm)
@@ -464,22 +515,22 @@ def bench_generate(vision_size: str, vision_layers: int, lm: dict, new_tokens: i
     tower_d = vision_tower_flops(dcfg, 1, moe=False)["total"]
     tower_m = vision_tower_flops(mcfg, 1, moe=True)["total"]
     ideal = (tower_d + lm_flops) / (tower_m + lm_flops)
-    row = {"vision": vision_size, "vision_layers": vision_layers, "lm": lm, "prompt_tokens": ids.shape[1],
+    row = {"case": name, "vision": vision_size, "vision_layers": vision_layers, "lm": lm,
+           "prompt_tokens": ids.shape[1],
            "new_tokens": new_tokens, "median_s": res["median_s"], "tokens_per_s": tok_s,
            "flops_lm_approx": lm_flops, "flops_tower_dense": tower_d, "flops_tower_moe": tower_m,
            "tower_share_of_dense_flops": tower_d / (tower_d + lm_flops), "flop_ideal_tokens_per_s_ratio": ideal,
            "moe_over_dense_tokens_per_s": ratio, "target": ">= 0.95", "pass": ratio >= 0.95}
-    log(f"generate  {vision_size}/L{vision_layers} + Llama h{lm['hidden_size']} L{lm['num_hidden_layers']}  "
+    log(f"generate  {name}: {vision_size}/L{vision_layers} + Llama h{lm['hidden_size']} L{lm['num_hidden_layers']}  "
         f"{new_tokens} new tokens  dense {tok_s['dense']:7.1f} tok/s  moe {tok_s['moe']:7.1f} tok/s  ratio "
-        f"{ratio:.3f} (FLOP-ideal {ideal:.3f}; target >= 0.95, {'ok' if row['pass'] else 'MISS'})")
+        f"{ratio:.3f} (FLOP-ideal {ideal:.3f}, tower share {row['tower_share_of_dense_flops']:.1%}; "
+        f"target >= 0.95, {'ok' if row['pass'] else 'MISS'})")
     return row
 
 
 def write_image_world(root: Path, n: int, image_size: int = 64) -> Path:
     """``n`` PNG images of random coloured shapes and a captions.jsonl beside them (a stand-in Shapes world)."""
     from PIL import Image, ImageDraw
-
-    import random
 
     rng = random.Random(0)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -540,7 +591,6 @@ def bench_data(num_images: int, batch: int, workers: int, repeats: int, data: st
                "pass": ratio >= 1.0}
         log(f"data      {len(ds)} images, batch {batch}, {workers} workers  loader {loader_sps:8.1f} samples/s  "
             f"MCL step {step_sps:8.1f} samples/s  ratio {ratio:.2f} (target >= 1, {'ok' if row['pass'] else 'MISS'})")
-        del loader
     return row
 
 
@@ -567,7 +617,119 @@ def profile_moe(size: str, batch: int, dtype: str, top: int = 12) -> list[dict]:
              "calls": e.count // 2} for e in events[:top]]
 
 
+def _label_modules(model: nn.Module, prefix: str) -> list:
+    """Wraps every encoder layer's ``self_attn`` / ``mlp`` (and an MoE block's ``gate`` / ``experts``) in a
+    ``record_function`` range named after its part, so the profiler can split a tower's time by part."""
+    handles = []
+    for name, module in model.named_modules():
+        part = name.rsplit(".", 1)[-1]
+        if part not in ("self_attn", "mlp", "gate"):
+            continue
+        label = f"{prefix}::{'ffn' if part == 'mlp' else part}"
+
+        def pre(mod, args, label=label):
+            mod._bench_range = torch.autograd.profiler.record_function(label)
+            mod._bench_range.__enter__()
+
+        def post(mod, args, output):
+            mod._bench_range.__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def profile_tower(size: str, layers: int | None, batch: int, dtype: str = "fp32", rounds: int = 2) -> dict:
+    """Where a dense and a CLIP-MoE vision tower spend their time (torch.profiler, CPU, the two towers run
+    alternately in one session): milliseconds per forward and per part (self_attn, ffn; the MoE's gate inside its
+    ffn), their ratios, and the top ops by self time of both towers together."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import CLIPVisionModel
+
+    from . import CLIPMoEVisionModel
+
+    dcfg, mcfg = _vision_configs(size, layers)
+    torch.manual_seed(0)
+    pix = torch.randn(batch, 3, dcfg.image_size, dcfg.image_size)
+    models = {"dense": CLIPVisionModel(dcfg).eval(), "moe": CLIPMoEVisionModel(mcfg).eval()}
+    handles = [h for name, model in models.items() for h in _label_modules(model, name)]
+    with torch.no_grad(), _autocast(dtype):
+        for model in models.values():
+            model(pixel_values=pix)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:  # interleaved: dense, moe, dense, moe, ...
+            for _ in range(rounds):
+                for name, model in models.items():
+                    with torch.autograd.profiler.record_function(f"{name}::forward"):
+                        model(pixel_values=pix)
+    for h in handles:
+        h.remove()
+    events = prof.key_averages()
+    out = {}
+    for name in models:
+        out[name] = {"part_ms": {e.key.split("::", 1)[1]: e.cpu_time_total / rounds / 1e3 for e in events
+                                 if e.key.startswith(f"{name}::")}}
+    out["top_ops_both"] = [{"op": e.key, "self_ms": e.self_cpu_time_total / rounds / 1e3}
+                           for e in sorted((e for e in events if "::" not in e.key or e.key.startswith("aten::")),
+                                           key=lambda e: e.self_cpu_time_total, reverse=True)[:8]]
+    out["ffn_time_ratio_moe_over_dense"] = out["moe"]["part_ms"]["ffn"] / out["dense"]["part_ms"]["ffn"]
+    out["attention_time_ratio_moe_over_dense"] = (out["moe"]["part_ms"]["self_attn"]
+                                                  / out["dense"]["part_ms"]["self_attn"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def markdown_table(result: dict) -> str:
+    """One Markdown table of every measured ratio of a `run_benchmarks` result (the table of
+    docs/performance.md)."""
+    lines = ["| item | case | measured | ratio | target | |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def add(item, case, measured, ratio, target, ok):
+        lines.append(f"| {item} | {case} | {measured} | {ratio} | {target} | {'ok' if ok else '**miss**'} |")
+
+    items = result["items"]
+    for r in items.get("moe_layer", []):
+        m = r["median_s"]
+        extra = (f"; bf16/fp32 time: dense {r['bf16_over_fp32_time']['dense_2x_tokens']:.2f}x, MoE "
+                 f"{r['bf16_over_fp32_time']['moe']:.2f}x" if "bf16_over_fp32_time" in r else "")
+        add("MoE layer", f"{r['size']} {r['dtype']}, {r['tokens']} tokens",
+            f"dense(2T) {m['dense_2x_tokens']*1e3:.0f} ms, MoE {m['moe']*1e3:.0f} ms, naive loop "
+            f"{m['naive_loop']*1e3:.0f} ms; naive/dense {r['naive_over_dense']:.3f}, padded-bmm/dense "
+            f"{r['padded_bmm_candidate_over_dense']:.3f}{extra}",
+            f"MoE/dense {r['moe_over_dense']:.3f}", "<= 1.05", r["pass"])
+    for r in items.get("tower", []):
+        extra = (f"; bf16/fp32 time: dense {r['bf16_over_fp32_time']['dense']:.2f}x, MoE "
+                 f"{r['bf16_over_fp32_time']['moe']:.2f}x" if "bf16_over_fp32_time" in r else "")
+        add("vision tower", f"{r['size']} {r['dtype']}, {r['layers']} layers, batch {r['batch']}",
+            f"dense {r['images_per_s']['dense']:.2f} img/s, MoE {r['images_per_s']['moe']:.2f} img/s; time ratio "
+            f"{r['measured_time_ratio']:.3f} vs FLOP-ideal {r['ideal_time_ratio']:.3f}{extra}",
+            f"efficiency {r['efficiency']:.3f}", ">= 0.95", r["pass"])
+    for r in items.get("train", []):
+        add("training step", f"{r['stage']}, {r['size']} ({r['vision_layers']}+{r['text_layers']} layers), "
+            f"batch {r['batch']}, fp32",
+            f"{r['flops_per_step']/1e9:.0f} GFLOP/step in {r['step_median_s']*1e3:.0f} ms = "
+            f"{r['achieved_gflops_per_s']:.1f} GFLOP/s; peak {r['peak_matmul_n']}^3 matmul "
+            f"{r['peak_gflops_per_s']:.1f} GFLOP/s",
+            f"{r['fraction_of_peak']:.2f} of peak", ">= 0.50", r["pass"])
+    for r in items.get("generate", []):
+        add("generation", f"{r['case']}: {r['vision']} x{r['vision_layers']} layers + Llama "
+            f"h{r['lm']['hidden_size']} x{r['lm']['num_hidden_layers']}, {r['new_tokens']} new tokens",
+            f"dense {r['tokens_per_s']['dense']:.1f} tok/s, MoE {r['tokens_per_s']['moe']:.1f} tok/s; tower share "
+            f"{r['tower_share_of_dense_flops']:.1%}, FLOP-ideal {r['flop_ideal_tokens_per_s_ratio']:.3f}",
+            f"{r['moe_over_dense_tokens_per_s']:.3f}", ">= 0.95", r["pass"])
+    r = items.get("data")
+    if r:
+        add("data pipeline", f"{r['images']} {r['image_size']}px PNGs, batch {r['batch']}, {r['workers']} workers",
+            f"loader {r['loader_samples_per_s']:.0f} samples/s, MCL step (tiny CLIP-MoE) "
+            f"{r['train_step_samples_per_s']:.0f} samples/s", f"{r['loader_over_step']:.1f}", ">= 1", r["pass"])
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ driver
+
+
+_LM_100M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=16)
 
 
 def plan(quick: bool) -> dict:
@@ -578,20 +740,24 @@ def plan(quick: bool) -> dict:
             "moe_layer": dict(cases=[("vit-b16", "fp32", 1, 5), ("vit-b16", "bf16", 1, 3)]),
             "tower": dict(cases=[("vit-b16", 2, 1, "fp32", 5), ("vit-b16", 1, 1, "bf16", 3)]),
             "train": dict(size="tiny", layers=None, batch=16, repeats=5, peak_n=1024),
-            "generate": dict(vision_size="tiny", vision_layers=2,
-                             lm=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2), new_tokens=16, repeats=5),
+            "generate": dict(cases=[dict(name="tiny", vision_size="tiny", vision_layers=2,
+                                         lm=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2),
+                                         new_tokens=16, repeats=5)]),
             "data": dict(num_images=128, batch=32, workers=2, repeats=3),
         }
     return {
         "moe_layer": dict(cases=[("vit-b16", "fp32", 8, 7), ("vit-l14-336", "fp32", 8, 5),
                                  ("vit-b16", "bf16", 1, 3), ("vit-l14-336", "bf16", 1, 3)]),
-        "tower": dict(cases=[("vit-b16", None, 2, "fp32", 5), ("vit-l14-336", 4, 1, "fp32", 5),
-                             ("vit-b16", 2, 1, "bf16", 3)]),
+        "tower": dict(cases=[("vit-b16", None, 2, "fp32", 5), ("vit-b16", 2, 8, "fp32", 5),
+                             ("vit-l14-336", 4, 1, "fp32", 5), ("vit-b16", 2, 1, "bf16", 3)]),
         "train": dict(size="vit-b16", layers=4, batch=4, repeats=3, peak_n=2048),
-        "generate": dict(vision_size="vit-b16", vision_layers=12,
-                         lm=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                                 num_attention_heads=16, num_key_value_heads=16), new_tokens=32, repeats=3),
+        # "llava-share": the tower's share of the FLOPs (~6%) close to LLaVA-1.5-7B with ViT-L/14-336 (~4%);
+        # "tower-heavy": a full ViT-B/16 tower in front of a 100M LM (share ~40%), compared with its FLOP ideal.
+        "generate": dict(cases=[dict(name="llava-share", vision_size="vit-b16", vision_layers=1, lm=_LM_100M,
+                                     new_tokens=32, repeats=5),
+                                dict(name="tower-heavy", vision_size="vit-b16", vision_layers=12, lm=_LM_100M,
+                                     new_tokens=32, repeats=3)]),
         "data": dict(num_images=512, batch=32, workers=2, repeats=5),
     }
 
@@ -606,7 +772,10 @@ def run_benchmarks(items=ITEMS, quick: bool = False, dtypes=("fp32", "bf16"), js
         p[key].update(value)
     if repeats:
         for key, q in p.items():
-            if "cases" in q:
+            if "cases" in q and q["cases"] and isinstance(q["cases"][0], dict):
+                for c in q["cases"]:
+                    c["repeats"] = repeats
+            elif "cases" in q:
                 q["cases"] = [tuple(c[:-1]) + (repeats,) for c in q["cases"]]
             else:
                 q["repeats"] = repeats
@@ -615,7 +784,9 @@ def run_benchmarks(items=ITEMS, quick: bool = False, dtypes=("fp32", "bf16"), js
     log(f"# {info['cpu']}, {info['logical_cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
         f"ISA {','.join(info['isa'])}, native bf16: {info['bf16_native']}, load average {info['load_average']}")
     t_all = time.perf_counter()
+    result["load_average_at_start_of"] = {}
     for item in items:
+        result["load_average_at_start_of"][item] = machine_info()["load_average"]
         t0 = time.perf_counter()
         if item == "moe_layer":
             q = p[item]
@@ -626,7 +797,7 @@ def run_benchmarks(items=ITEMS, quick: bool = False, dtypes=("fp32", "bf16"), js
         elif item == "train":
             result["items"][item] = bench_train(log=log, **p[item])
         elif item == "generate":
-            result["items"][item] = bench_generate(log=log, **p[item])
+            result["items"][item] = [bench_generate(log=log, **c) for c in p[item]["cases"]]
         elif item == "data":
             result["items"][item] = bench_data(log=log, **p[item])
         else:
@@ -637,7 +808,19 @@ def run_benchmarks(items=ITEMS, quick: bool = False, dtypes=("fp32", "bf16"), js
                                        for c in p["moe_layer"]["cases"] if c[1] in dtypes}
         for key, ops in result["profile_moe_layer"].items():
             log(f"profile {key}: " + ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops[:6]))
+        result["profile_tower"] = {}
+        for case in p["tower"]["cases"]:
+            size, layers, batch, dtype = case[:4]
+            if dtype not in dtypes:
+                continue
+            prof = profile_tower(size, layers, batch, dtype)
+            result["profile_tower"][f"{size}/L{layers or 'all'}/B{batch}/{dtype}"] = prof
+            log(f"profile tower {size} {dtype}: ms per forward, dense "
+                + ", ".join(f"{k} {v:.1f}" for k, v in prof["dense"]["part_ms"].items()) + "; moe "
+                + ", ".join(f"{k} {v:.1f}" for k, v in prof["moe"]["part_ms"].items())
+                + f"; ffn moe/dense {prof['ffn_time_ratio_moe_over_dense']:.2f} (ideal ~2.0)")
     result["seconds"] = time.perf_counter() - t_all
+    log(markdown_table(result))
     result["machine_after"] = machine_info()
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,17 @@ def test_naive_peer_matches_block_with_capacity_drops(capacity_factor, bpr):
         torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_padded_bmm_candidate_matches_block(capacity_factor):
+    from clipmoe_vlm.benchmark import with_padded_bmm
+
+    block = _block(capacity_factor=capacity_factor)
+    with torch.no_grad():
+        block.gate.weight[3] = -100.0 * block.gate.weight[:3].abs().sum(0)  # expert 3 gets no token
+        x = torch.randn(2, 9, 32).abs()
+        torch.testing.assert_close(with_padded_bmm(block)(x), block(x), atol=1e-5, rtol=1e-5)
+
+
 def _script():
     spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
@@ -130,7 +141,7 @@ def test_quick_smoke_writes_json(tmp_path):
     assert tower["ideal_time_ratio"] > 1 and tower["efficiency"] > 0 and tower["images_per_s"]["moe"] > 0
     assert {r["stage"] for r in result["items"]["train"]} == {"router", "mcl"}
     assert all(r["fraction_of_peak"] > 0 and r["flops_per_step"] > 0 for r in result["items"]["train"])
-    gen = result["items"]["generate"]
+    gen = result["items"]["generate"][0]
     assert gen["moe_over_dense_tokens_per_s"] > 0 and gen["tokens_per_s"]["dense"] > 0
     data = result["items"]["data"]
     assert data["loader_samples_per_s"] > 0 and data["train_step_samples_per_s"] > 0
@@ -150,7 +161,7 @@ def test_train_step_flops_count_sdpa_like_eager():
         ids = torch.randint(1, 1000, (2, 77))
         pix = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
-            forward.append(count_flops(lambda: model(input_ids=ids, pixel_values=pix)))
+            forward.append(count_flops(lambda m=model, i=ids, p=pix: m(input_ids=i, pixel_values=p)))
         step.append(count_flops(_train_step_fn(model, "mcl", 4)))
     assert forward[0] == forward[1] > 0
     assert step[0] >= step[1] > 2 * forward[1]

@@ -425,6 +425,86 @@ def test_upstream_vizwiz_functions_score_the_rows(world, tmp_path):
     assert seen_unanswerable
 
 
+def _mmbench_doc(question: str, options: list[str], hint: str | None, answer: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {"index": 0, "question": question, "hint": hint, "answer": answer, "category": "color"}
+    doc.update({"L2-category": "coarse_perception", "source": "shapes", "split": "dev", "comment": None})
+    doc.update({letter: options[k] if k < len(options) else None for k, letter in enumerate("ABCD")})
+    return doc
+
+
+def test_benchmark_prompt_helpers_equal_upstream_doc_to_text(world, tmp_path):
+    en_utils = pytest.importorskip("lmms_eval.tasks.mmbench.en_utils")
+    from lmms_eval.tasks.vizwiz_vqa import utils as vizwiz
+
+    root, _ = world
+    mm_post = {"pre_prompt": "", "post_prompt": "\n" + S.MC_ANSWER_PROMPT}
+    for doc in _load_parquet(root / "eval" / "data" / "mmbench_en_dev.parquet", "dev", tmp_path):
+        options = [doc[letter] for letter in "ABCD" if doc[letter] is not None]
+        assert S.mmbench_prompt(doc["question"], options, doc["hint"]) == en_utils.mmbench_doc_to_text(doc, mm_post)
+    assert S.MMBENCH_OPTIONS_HEADER == en_utils.config["metadata"]["sys_prompt"]
+    vz_post = {"pre_prompt": "", "post_prompt": S.VIZWIZ_POST_PROMPT}
+    for doc in _load_parquet(root / "eval" / "data" / "vizwiz_vqa_val.parquet", "val", tmp_path):
+        assert S.vizwiz_prompt(doc["question"]) == vizwiz.vizwiz_vqa_doc_to_text(doc, vz_post)
+
+
+def test_instruct_has_benchmark_style_turns_as_upstream_renders_them(tmp_path):
+    """The instruction data mirrors lmms-eval's MMBench and VizWiz prompts exactly (as LLaVA-1.5's mix has
+    VQA-style and multiple-choice prompts), including VizWiz questions the image cannot answer."""
+    en_utils = pytest.importorskip("lmms_eval.tasks.mmbench.en_utils")
+    from lmms_eval.tasks.vizwiz_vqa import utils as vizwiz
+
+    S.write_llava_instruct(tmp_path / "a", 60, seed=3, progress=False)
+    S.write_llava_instruct(tmp_path / "b", 60, seed=3, progress=False)
+    text = (tmp_path / "a" / "instruct.json").read_bytes()
+    assert text == (tmp_path / "b" / "instruct.json").read_bytes()  # deterministic
+    hints = set(S._HINTS.values())
+    mm_post = {"pre_prompt": "", "post_prompt": "\n" + S.MC_ANSWER_PROMPT}
+    vz_post = {"pre_prompt": "", "post_prompt": S.VIZWIZ_POST_PROMPT}
+    counts = Counter()
+    for sample in json.loads(text):
+        turns = sample["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            prompt = human["value"].removeprefix("<image>\n")
+            header = f" {S.MMBENCH_OPTIONS_HEADER}\n"
+            if header in prompt:
+                head, tail = prompt.split(header)
+                hint = next((h for h in hints if head.startswith(h + " ")), None)
+                question = head[len(hint) + 1 :] if hint else head
+                lines = tail.split("\n")
+                assert lines[-2:] == ["", S.MC_ANSWER_PROMPT]
+                options = [line[3:] for line in lines[:-2]]
+                assert [line[:3] for line in lines[:-2]] == [f"{c}. " for c in "ABCD"[: len(options)]]
+                assert gpt["value"] in "ABCD"[: len(options)]
+                doc = _mmbench_doc(question, options, hint, gpt["value"])
+                assert en_utils.mmbench_doc_to_text(doc, mm_post) == prompt
+                counts["mmbench_hint" if hint else "mmbench"] += 1
+            elif prompt.endswith(S.VIZWIZ_POST_PROMPT):
+                question = prompt.removesuffix(S.VIZWIZ_POST_PROMPT)
+                row_question = question[:1].lower() + question[1:]  # as write_vizwiz stores questions
+                assert vizwiz.vizwiz_vqa_doc_to_text({"question": row_question}, vz_post) == prompt
+                counts["vizwiz_unanswerable" if gpt["value"] == "unanswerable" else "vizwiz"] += 1
+            else:
+                counts["other"] += 1
+    assert all(counts[k] for k in ("mmbench", "mmbench_hint", "vizwiz", "vizwiz_unanswerable", "other")), counts
+    assert counts["vizwiz_unanswerable"] < counts["vizwiz"]
+
+
+def test_unanswerable_questions_cannot_be_answered_from_the_scene():
+    config = S.DEFAULT_CONFIG
+    templates = [t.split("{r}")[0] for t in S._UNANSWERABLE_QUESTIONS]
+    absent_seen = 0
+    for i in range(200):
+        rng = S.item_rng(0, "test_unanswerable", i)
+        scene = S.sample_scene(rng, config)
+        question = S._unanswerable_question(scene, rng, config)
+        if any(question.startswith(t) for t in templates):
+            continue
+        shape = question.split("the ", 1)[1].split(" ")[0].rstrip("?")
+        assert shape in config.shapes and all(o.shape != shape for o in scene.objects), question
+        absent_seen += 1
+    assert absent_seen
+
+
 def test_upstream_mmvet_functions_accept_the_rows(world, tmp_path, monkeypatch):
     monkeypatch.setenv("API_TYPE", "dummy")  # never build a networked judge client
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")

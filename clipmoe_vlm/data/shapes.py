@@ -110,9 +110,13 @@ __all__ = [
     "DEFAULT_CONFIG",
     "GENERATOR_VERSION",
     "MC_ANSWER_PROMPT",
+    "MMBENCH_OPTIONS_HEADER",
     "QA",
     "QA_KINDS",
     "SHORT_ANSWER_PROMPT",
+    "VIZWIZ_POST_PROMPT",
+    "mmbench_prompt",
+    "vizwiz_prompt",
     "Scene",
     "ShapeObject",
     "ShapesConfig",
@@ -140,7 +144,7 @@ __all__ = [
 
 GENERATOR_NAME = "clipmoe_vlm.data.shapes"
 #: Bump when the output for a given seed changes; it is part of the cache key in ``manifest.json``.
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 96
@@ -228,6 +232,10 @@ _CORNERS: Mapping[str, int] = MappingProxyType({"square": 4, "triangle": 3, "dia
 #: LLaVA-1.5 style answer-format prompts.
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MC_ANSWER_PROMPT = "Answer with the option's letter from the given choices directly."
+#: lmms-eval's MMBench option header (``metadata.sys_prompt`` of its ``mmbench.yaml``).
+MMBENCH_OPTIONS_HEADER = "There are several options:"
+#: lmms-eval's VizWiz-VQA post prompt (``lmms_eval_specific_kwargs.default.post_prompt``).
+VIZWIZ_POST_PROMPT = "\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER_PROMPT
 
 _PRETRAIN_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image briefly.",
@@ -1174,12 +1182,57 @@ def write_llava_pretrain(
     )
 
 
-def _format_turn(qa: QA, style: str, rng: np.random.Generator) -> tuple[str, str]:
+def mmbench_prompt(question: str, options: Sequence[str], hint: str | None = None) -> str:
+    """The prompt lmms-eval's ``mmbench_doc_to_text`` renders for an MMBench row with the task's post prompt
+    ``"\\n" + MC_ANSWER_PROMPT`` (doc_to_text joins it with another newline, hence the blank line)."""
+    lines = [f"{letter}. {option}" for letter, option in zip("ABCDE", options)]
+    body = f"{question} " + "\n".join([MMBENCH_OPTIONS_HEADER, *lines])
+    if hint is not None:
+        body = f"{hint} {body}"
+    return f"{body}\n\n{MC_ANSWER_PROMPT}"
+
+
+def vizwiz_prompt(question: str) -> str:
+    """The prompt lmms-eval's ``vizwiz_vqa_doc_to_text`` renders for a VizWiz row (with the local post prompt)."""
+    return f"{question.capitalize()}{VIZWIZ_POST_PROMPT}"
+
+
+def _unanswerable_question(scene: Scene, rng: np.random.Generator, config: ShapesConfig) -> str:
+    """A question the image cannot answer, in VizWiz row form (lower-case first letter): either one of
+    ``write_vizwiz``'s unanswerable templates about a shape in the scene, or about a shape that is absent."""
+    absent = [s for s in config.shapes if all(o.shape != s for o in scene.objects)]
+    if absent and rng.random() < 0.4:
+        shape = _pick(rng, absent)
+        return _pick(
+            rng, ("what color is the {s}?", "where is the {s}?", "is the {s} filled or outlined?", "how big is the {s}?")
+        ).format(s=shape)
+    ref = refer(scene, int(rng.integers(scene.count)), rng)
+    return _pick(rng, _UNANSWERABLE_QUESTIONS).format(r=ref)
+
+
+def _format_turn(
+    qa: QA,
+    style: str,
+    rng: np.random.Generator,
+    *,
+    scene: Scene | None = None,
+    config: ShapesConfig | None = None,
+    hint_fraction: float = 0.4,
+    unanswerable_fraction: float = 0.15,
+) -> tuple[str, str]:
     if style == "short":
         return f"{qa.question}\n{SHORT_ANSWER_PROMPT}", qa.answer
     if style == "mc":
         options, letter = _mc_options(qa, rng)
         return _mc_prompt(qa.mc_question, options), letter
+    if style == "mmbench":  # as lmms-eval renders an MMBench row (write_mmbench)
+        options, letter = _mc_options(qa, rng)
+        hint = _HINTS.get(qa.kind) if rng.random() < hint_fraction else None
+        return mmbench_prompt(qa.mc_question, options, hint), letter
+    if style == "vizwiz":  # as lmms-eval renders a VizWiz row (write_vizwiz), some of them unanswerable
+        if scene is not None and config is not None and rng.random() < unanswerable_fraction:
+            return vizwiz_prompt(_unanswerable_question(scene, rng, config)), "unanswerable"
+        return vizwiz_prompt(qa.question[:1].lower() + qa.question[1:]), qa.answer
     return qa.question, qa.long_answer
 
 
@@ -1232,8 +1285,10 @@ def write_llava_instruct(
 ) -> WriteResult:
     """LLaVA instruction-tuning set: ``instruct.json`` and ``images/instruct/*.png`` under ``out_dir``.
 
-    ``n`` image samples with 2-4 QA turns each (short-answer, long-answer and multiple-choice styles,
-    ``<image>`` only in the first human turn), plus ``max(1, round(n * text_only_fraction))`` text-only
+    ``n`` image samples with 2-4 QA turns each (short-answer, long-answer and multiple-choice styles, plus
+    the two benchmark prompt styles as lmms-eval renders them: MMBench multiple choice with an optional hint
+    and "There are several options:", and VizWiz short answers with the "Unanswerable" instruction, a share
+    of them unanswerable from the image; ``<image>`` only in the first human turn), plus ``max(1, round(n * text_only_fraction))`` text-only
     samples (none when the fraction is 0), shuffled together deterministically.
     """
     n = _check_positive("n", n)
@@ -1242,7 +1297,8 @@ def write_llava_instruct(
         raise ValueError(f"text_only_fraction must be in [0, 1), got {text_only_fraction}")
     out = Path(out_dir)
     samples: list[dict[str, Any]] = []
-    styles, style_p = ("short", "long", "mc"), np.array([0.45, 0.35, 0.2])
+    styles = ("short", "long", "mc", "mmbench", "vizwiz")
+    style_p = np.array([0.2, 0.2, 0.1, 0.25, 0.25])
     for i in _progress(range(n), "llava instruct", n, progress):
         rng = item_rng(seed, "llava_instruct", i)
         scene = sample_scene(rng, config)
@@ -1253,7 +1309,8 @@ def write_llava_instruct(
         conversations = []
         for turn, k in enumerate(rng.permutation(len(kinds))[:n_turns]):
             qa = make_qa(scene, kinds[int(k)], rng, config)
-            question, answer = _format_turn(qa, styles[int(rng.choice(3, p=style_p))], rng)
+            style = styles[int(rng.choice(len(styles), p=style_p))]
+            question, answer = _format_turn(qa, style, rng, scene=scene, config=config)
             if turn == 0:
                 question = f"<image>\n{question}"
             conversations.append({"from": "human", "value": question})
