@@ -149,3 +149,12 @@ def test_two_processes_match_one(pairs, tmp_path):
     b = load_file(tmp_path / "two" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_bf16_autocast_run(pairs, tmp_path):
+    out = main(run_args(pairs, tmp_path / "bf16", "--recipe", "clip-up", "--bf16", "--max-samples", "32",
+                        "--val-fraction", "0.25"))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(l == l and l < 20 for l in losses)  # finite
+    model = AutoModel.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.float32  # autocast: weights stay fp32
