@@ -152,8 +152,13 @@ def test_two_processes_match_one(pairs, tmp_path):
 
 
 def test_bf16_autocast_run(pairs, tmp_path):
-    out = main(run_args(pairs, tmp_path / "bf16", "--recipe", "clip-up", "--bf16", "--max-samples", "32",
-                        "--val-fraction", "0.25"))
+    # its own process: accelerate keeps one AcceleratorState per process, fixed at the first precision used
+    out = tmp_path / "bf16"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "upcycle_encoder.py"),
+                           *run_args(pairs, out, "--recipe", "clip-up", "--bf16", "--max-samples", "32",
+                                     "--val-fraction", "0.25")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(l == l and l < 20 for l in losses)  # finite
     model = AutoModel.from_pretrained(out)
