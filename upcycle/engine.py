@@ -315,15 +315,13 @@ def embed_pairs(model, dataset, indices, batch_size: int, accelerator, num_worke
 
 
 def retrieval_metrics(image: torch.Tensor, text: torch.Tensor) -> dict:
-    """Recall@1 and @5 for paired rows (row i of ``image`` belongs to row i of ``text``)."""
+    """Recall@1 and @5 for paired rows (row i of ``image`` belongs to row i of ``text``), keys ``i2t_r1`` ...;
+    computed by `clipmoe_vlm.evaluation.encoder.retrieval_metrics`."""
     if len(image) == 0:
         return {}
-    sim = image @ text.t()
-    target = torch.arange(len(image))
-    out = {}
-    for name, s in (("i2t", sim), ("t2i", sim.t())):
-        ranks = (s > s[target, target][:, None]).sum(1)
-        out[f"{name}_r1"] = float((ranks < 1).float().mean())
-        out[f"{name}_r5"] = float((ranks < 5).float().mean())
+    from clipmoe_vlm.evaluation.encoder import retrieval_metrics as recall
+
+    metrics = recall(image, text, list(range(len(image))), ks=(1, 5))
+    out = {f"{d}_r{k}": round(metrics[f"{d}_R@{k}"], 4) for d in ("i2t", "t2i") for k in (1, 5)}
     out["n"] = len(image)
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+    return out
