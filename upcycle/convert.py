@@ -456,13 +456,15 @@ def open_clip_to_hf(model) -> CLIPModel:
 
 def load_official_clipmoe(path_or_state_dict, num_experts: int | None = None, top_k: int = 2,
                           vision_heads: int | None = None, text_heads: int | None = None,
-                          hidden_act: str = "quick_gelu", **moe_options) -> CLIPMoEModel:
+                          hidden_act: str = "quick_gelu", source: str | None = None,
+                          **moe_options) -> CLIPMoEModel:
     """Loads the official CLIP-MoE release (a ``torch.save`` state dict in OpenAI layout) as a `CLIPMoEModel`.
 
     ``num_experts``, when given, must match the checkpoint (else `CheckpointMismatchError` names the key);
     ``top_k`` and ``moe_options`` set the routing (the release was trained with top-2, renormalised).
+    ``source`` names an already-loaded state dict in error messages (a path names itself).
     """
-    source = "state dict"
+    source = source or "state dict"
     if isinstance(path_or_state_dict, (str, Path)):
         source = str(path_or_state_dict)
         if not Path(source).is_file():

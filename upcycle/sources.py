@@ -71,9 +71,9 @@ def load_base(spec: str, seed: int = 0):
         if not path.is_file():
             raise FileNotFoundError(f"--base {spec}: file not found")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if any(re.search(r"\.experts\.\d+\.c_fc\.weight$", key) for key in state):  # official CLIP-MoE release
+            return load_official_clipmoe(state, source=str(path))
         config, hf_state = openai_layout_to_hf(state, source=str(path))
-        if isinstance(config, CLIPMoEConfig):
-            return load_official_clipmoe(state)
         model = CLIPModel(config)
         hf_state.update({k: v for k, v in model.state_dict().items() if k.endswith("position_ids")})
         model.load_state_dict(hf_state, strict=True)
