@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see clipmoe_vlm/__init__.py
 
@@ -39,3 +41,52 @@ def input_ids() -> torch.Tensor:
     ids = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(2))
     ids[:, -1] = 98  # end-of-text
     return ids
+
+
+# ---- shared by the encoder-evaluation and routing tests: a tiny Shapes world, a tiny CLIP-MoE, the scripts ----
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_WORLD = {"n_train": 8, "n_pretrain": 4, "n_instruct": 4, "n_eval": 8, "n_mmvet": 4, "n_retrieval": 12,
+               "n_zeroshot_per_class": 2, "n_mmvp_pairs": 2, "progress": False}
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def load_script():
+    """``load_script("eval_encoder")`` imports ``scripts/eval_encoder.py`` as a module."""
+    return _load_script
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared CPU: one intra-op thread is ~10x faster than several fighting for the cores
+    (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A tiny Shapes world (one per test module; modules with their own ``world`` override it)."""
+    from clipmoe_vlm.data.shapes import generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, seed=0, **SMALL_WORLD)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    """A random 4-expert top-2 CLIP-MoE upcycled from the tiny CLIP of ``upcycle.sources.tiny_clip_config``."""
+    from upcycle import sparse_upcycle
+    from upcycle.sources import tiny_clip_config
+
+    torch.manual_seed(0)
+    return sparse_upcycle(CLIPModel(tiny_clip_config()), num_experts=4, top_k=2).eval()

@@ -4,7 +4,6 @@ and on a tiny random CLIP-MoE over a tiny Shapes world; bad layouts; scripts/eva
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
-from clipmoe_vlm.data.shapes import ATTRIBUTES, generate_world
+from clipmoe_vlm.data.shapes import ATTRIBUTES
 from clipmoe_vlm.evaluation import (
     EvalDataError,
     default_templates,
@@ -30,20 +29,10 @@ from clipmoe_vlm.evaluation import (
     zeroshot_classification,
     zeroshot_classifier,
 )
-from upcycle import sparse_upcycle
 from upcycle.data import clip_image_transform, open_clip_tokenizer
 from upcycle.sources import tiny_clip_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL_WORLD = {"n_train": 8, "n_pretrain": 4, "n_instruct": 4, "n_eval": 8, "n_mmvet": 4, "n_retrieval": 12,
-               "n_zeroshot_per_class": 2, "n_mmvp_pairs": 2, "progress": False}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,28 +103,6 @@ def write_coco(root: Path, captions_per_image: list[int]) -> tuple[Path, list[in
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a shared CPU: one intra-op thread is ~10x faster than several fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=0, **SMALL_WORLD)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_moe():
-    torch.manual_seed(0)
-    return sparse_upcycle(CLIPModel(tiny_clip_config()), num_experts=4, top_k=2).eval()
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +388,7 @@ def test_wrong_layouts_name_the_expected_file(tmp_path, world):
 # scripts/eval_encoder.py
 
 
-def test_eval_encoder_help_documents_every_flag(capsys):
+def test_eval_encoder_help_documents_every_flag(capsys, load_script):
     script = load_script("eval_encoder")
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
@@ -435,7 +402,7 @@ def test_eval_encoder_help_documents_every_flag(capsys):
     assert all(action.help for action in parser._actions)
 
 
-def test_eval_encoder_main_runs_end_to_end_on_the_tiny_world(world, tiny_moe, shapes_metrics, tmp_path, capsys):
+def test_eval_encoder_main_runs_end_to_end_on_the_tiny_world(world, tiny_moe, shapes_metrics, tmp_path, capsys, load_script):
     model_dir = tmp_path / "clip-moe"
     tiny_moe.save_pretrained(model_dir)
     out = tmp_path / "metrics.json"
@@ -456,6 +423,6 @@ def test_eval_encoder_main_runs_end_to_end_on_the_tiny_world(world, tiny_moe, sh
     assert "shapes/retrieval/i2t_R@1" in printed and "zeroshot/colors/top1" in printed
 
 
-def test_eval_encoder_rejects_flickr_without_images(tmp_path):
+def test_eval_encoder_rejects_flickr_without_images(tmp_path, load_script):
     with pytest.raises(SystemExit, match="--flickr-images"):
         load_script("eval_encoder").main(["--flickr-karpathy", str(tmp_path / "x.json")])

@@ -3,7 +3,6 @@ the statistics match hand computations, the plots and summaries are written; scr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
-from clipmoe_vlm.data.shapes import generate_world
 from clipmoe_vlm.evaluation import (
     TowerRouting,
     analyze_routing,
@@ -27,38 +25,7 @@ from upcycle import sparse_upcycle
 from upcycle.data import clip_image_transform, open_clip_tokenizer
 from upcycle.sources import tiny_clip_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL_WORLD = {"n_train": 8, "n_pretrain": 4, "n_instruct": 4, "n_eval": 8, "n_mmvet": 4, "n_retrieval": 12,
-               "n_zeroshot_per_class": 2, "n_mmvp_pairs": 2, "progress": False}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a shared CPU: one intra-op thread is ~10x faster than several fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=0, **SMALL_WORLD)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_moe():
-    torch.manual_seed(0)
-    return sparse_upcycle(CLIPModel(tiny_clip_config()), num_experts=4, top_k=2).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +133,7 @@ def test_analyze_routing_rejects_dense_models_and_non_moe_layers(inputs, tmp_pat
 # scripts/analyze_routing.py
 
 
-def test_analyze_routing_help_documents_every_flag(capsys):
+def test_analyze_routing_help_documents_every_flag(capsys, load_script):
     script = load_script("analyze_routing")
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
@@ -184,7 +151,7 @@ def model_dir(tiny_moe, tmp_path_factory) -> Path:
     return folder
 
 
-def test_analyze_routing_main_on_a_jsonl_and_on_a_folder(world, model_dir, tmp_path, capsys):
+def test_analyze_routing_main_on_a_jsonl_and_on_a_folder(world, model_dir, tmp_path, capsys, load_script):
     script = load_script("analyze_routing")
     out = tmp_path / "jsonl"
     summary = script.main(["--model", str(model_dir), "--images", str(world / "clip_train" / "captions.jsonl"),
@@ -203,7 +170,7 @@ def test_analyze_routing_main_on_a_jsonl_and_on_a_folder(world, model_dir, tmp_p
     assert set(json.loads((out / "routing.json").read_text())["towers"]) == {"vision", "text"}
 
 
-def test_analyze_routing_main_rejects_bad_layers_and_inputs(world, model_dir, tmp_path):
+def test_analyze_routing_main_rejects_bad_layers_and_inputs(world, model_dir, tmp_path, load_script):
     script = load_script("analyze_routing")
     images = str(world / "clip_train" / "captions.jsonl")
     with pytest.raises(SystemExit, match=r"--layers \[7\]: not MoE layers .* \[0, 1, 2, 3\]"):
