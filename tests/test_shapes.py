@@ -489,6 +489,37 @@ def test_instruct_has_benchmark_style_turns_as_upstream_renders_them(tmp_path):
     assert counts["vizwiz_unanswerable"] < counts["vizwiz"]
 
 
+@pytest.mark.parametrize("style", ["text-letter", "text"])
+def test_mmbench_answer_styles_change_only_the_mmbench_answers_and_upstream_reads_them(tmp_path, style):
+    """``mmbench_answer`` rewrites the answers of MMBench-format turns and nothing else (same scenes, prompts
+    and other answers), and upstream MMBench's rule-based matcher maps every such answer to the right letter."""
+    mmbench_evals = pytest.importorskip("lmms_eval.tasks.mmbench.mmbench_evals")
+    matcher = mmbench_evals.MMBench_Evaluator(sys_prompt=S.MMBENCH_OPTIONS_HEADER)
+    S.write_llava_instruct(tmp_path / "letter", 60, seed=3, progress=False)
+    S.write_llava_instruct(tmp_path / style, 60, seed=3, mmbench_answer=style, progress=False)
+    letters = json.loads((tmp_path / "letter" / "instruct.json").read_text())
+    others = json.loads((tmp_path / style / "instruct.json").read_text())
+    assert [s["id"] for s in letters] == [s["id"] for s in others]
+    header = f" {S.MMBENCH_OPTIONS_HEADER}\n"
+    changed = 0
+    for a, b in zip(letters, others):
+        assert [t["value"] for t in a["conversations"][::2]] == [t["value"] for t in b["conversations"][::2]]
+        for human, old, new in zip(a["conversations"][::2], a["conversations"][1::2], b["conversations"][1::2]):
+            if header not in human["value"]:
+                assert new == old
+                continue
+            lines = human["value"].split(header)[1].split("\n")[:-2]
+            options = {line[0]: line[3:] for line in lines}
+            expected = {"text-letter": f"{options[old['value']]} ({old['value']})", "text": options[old["value"]]}
+            assert new["value"] == expected[style]
+            assert matcher.can_infer(new["value"], dict(options)) == old["value"]
+            changed += 1
+    assert changed > 10
+    assert S.mmbench_target("B", "red circle", "text-letter") == "red circle (B)"
+    with pytest.raises(ValueError, match="mmbench_answer"):
+        S.write_llava_instruct(tmp_path / "bad", 2, mmbench_answer="word", progress=False)
+
+
 def test_unanswerable_questions_cannot_be_answered_from_the_scene():
     config = S.DEFAULT_CONFIG
     templates = [t.split("{r}")[0] for t in S._UNANSWERABLE_QUESTIONS]

@@ -1192,6 +1192,23 @@ def mmbench_prompt(question: str, options: Sequence[str], hint: str | None = Non
     return f"{body}\n\n{MC_ANSWER_PROMPT}"
 
 
+MMBENCH_ANSWER_STYLES: tuple[str, ...] = ("letter", "text-letter", "text")
+
+
+def mmbench_target(letter: str, option: str, style: str = "letter") -> str:
+    """The assistant's answer to an MMBench-format turn: ``"letter"`` the option's letter (``"B"``, as
+    LLaVA-1.5's multiple-choice data), ``"text-letter"`` the option's text then its letter (``"red (B)"``),
+    ``"text"`` the option's text alone (``"red"``). MMBench's rule-based matcher reads the letter of the
+    first two (``can_infer_option``) and maps a unique option text in the third (``can_infer_text``)."""
+    if style == "letter":
+        return letter
+    if style == "text-letter":
+        return f"{option} ({letter})"
+    if style == "text":
+        return option
+    raise ValueError(f"mmbench_answer must be one of {list(MMBENCH_ANSWER_STYLES)}, got {style!r}")
+
+
 def vizwiz_prompt(question: str) -> str:
     """The prompt lmms-eval's ``vizwiz_vqa_doc_to_text`` renders for a VizWiz row (with the local post prompt)."""
     return f"{question.capitalize()}{VIZWIZ_POST_PROMPT}"
@@ -1219,6 +1236,7 @@ def _format_turn(
     config: ShapesConfig | None = None,
     hint_fraction: float = 0.4,
     unanswerable_fraction: float = 0.15,
+    mmbench_answer: str = "letter",
 ) -> tuple[str, str]:
     if style == "short":
         return f"{qa.question}\n{SHORT_ANSWER_PROMPT}", qa.answer
@@ -1228,7 +1246,7 @@ def _format_turn(
     if style == "mmbench":  # as lmms-eval renders an MMBench row (write_mmbench)
         options, letter = _mc_options(qa, rng)
         hint = _HINTS.get(qa.kind) if rng.random() < hint_fraction else None
-        return mmbench_prompt(qa.mc_question, options, hint), letter
+        return mmbench_prompt(qa.mc_question, options, hint), mmbench_target(letter, qa.mc_answer, mmbench_answer)
     if style == "vizwiz":  # as lmms-eval renders a VizWiz row (write_vizwiz), some of them unanswerable
         if scene is not None and config is not None and rng.random() < unanswerable_fraction:
             return vizwiz_prompt(_unanswerable_question(scene, rng, config)), "unanswerable"
@@ -1281,6 +1299,7 @@ def write_llava_instruct(
     image_size: int = 64,
     config: ShapesConfig | None = None,
     text_only_fraction: float = 0.03,
+    mmbench_answer: str = "letter",
     progress: bool = True,
 ) -> WriteResult:
     """LLaVA instruction-tuning set: ``instruct.json`` and ``images/instruct/*.png`` under ``out_dir``.
@@ -1295,6 +1314,8 @@ def write_llava_instruct(
     seed, image_size, config = _setup(seed, image_size, config)
     if not 0.0 <= text_only_fraction < 1.0:
         raise ValueError(f"text_only_fraction must be in [0, 1), got {text_only_fraction}")
+    if mmbench_answer not in MMBENCH_ANSWER_STYLES:
+        raise ValueError(f"mmbench_answer must be one of {list(MMBENCH_ANSWER_STYLES)}, got {mmbench_answer!r}")
     out = Path(out_dir)
     samples: list[dict[str, Any]] = []
     styles = ("short", "long", "mc", "mmbench", "vizwiz")
@@ -1310,7 +1331,8 @@ def write_llava_instruct(
         for turn, k in enumerate(rng.permutation(len(kinds))[:n_turns]):
             qa = make_qa(scene, kinds[int(k)], rng, config)
             style = styles[int(rng.choice(len(styles), p=style_p))]
-            question, answer = _format_turn(qa, style, rng, scene=scene, config=config)
+            question, answer = _format_turn(qa, style, rng, scene=scene, config=config,
+                                            mmbench_answer=mmbench_answer)
             if turn == 0:
                 question = f"<image>\n{question}"
             conversations.append({"from": "human", "value": question})
