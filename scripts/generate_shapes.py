@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipmoe_vlm.data.shapes import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, generate_world
+from clipmoe_vlm.data.shapes import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MMBENCH_ANSWER_STYLES, generate_world
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for the lmms-eval parquet files (default: OUT/eval/data)",
     )
+    parser.add_argument(
+        "--mmbench-answer",
+        choices=MMBENCH_ANSWER_STYLES,
+        default="text",
+        help="answer of the MMBench-format instruction turns: the option's text ('red', default; MMBench's matcher "
+        "maps it to the letter), 'text-letter' ('red (B)') or 'letter' ('B', LLaVA-1.5's format)",
+    )
     parser.add_argument("--force", action="store_true", help="regenerate even if OUT/manifest.json matches these flags")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -87,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         n_mmvp_pairs=args.n_mmvp_pairs,
         image_size=args.image_size,
         eval_dir=args.eval_dir,
+        mmbench_answer=args.mmbench_answer,
         force=args.force,
         progress=not args.no_progress,
     )

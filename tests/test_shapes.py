@@ -129,6 +129,7 @@ def test_manifest_cache_skips_work_and_rerun_removes_stale_files(tmp_path, monke
         ({"n_eval": -3}, "n_eval"),
         ({"n_mmvp_pairs": 1.5}, "n_mmvp_pairs"),
         ({"seed": -1}, "seed"),
+        ({"mmbench_answer": "word"}, "mmbench_answer"),
     ],
 )
 def test_generate_world_rejects_bad_input_naming_the_parameter(tmp_path, kwargs, name):
@@ -311,7 +312,11 @@ def test_llava_json(world):
         for human, gpt in zip(turns[::2], turns[1::2]):
             if human["value"].endswith(S.MC_ANSWER_PROMPT):
                 styles["mc"] += 1
-                assert gpt["value"] in "ABCD" and f"\n{gpt['value']}. " in human["value"]
+                if S.MMBENCH_OPTIONS_HEADER in human["value"]:  # MMBench format: the option's text (default)
+                    options = [line[3:] for line in human["value"].split("\n") if line[1:3] == ". "]
+                    assert gpt["value"] in options
+                else:
+                    assert gpt["value"] in "ABCD" and f"\n{gpt['value']}. " in human["value"]
             elif human["value"].endswith(S.SHORT_ANSWER_PROMPT):
                 styles["short"] += 1
                 assert len(gpt["value"].split()) <= 3
@@ -474,8 +479,8 @@ def test_instruct_has_benchmark_style_turns_as_upstream_renders_them(tmp_path):
                 assert lines[-2:] == ["", S.MC_ANSWER_PROMPT]
                 options = [line[3:] for line in lines[:-2]]
                 assert [line[:3] for line in lines[:-2]] == [f"{c}. " for c in "ABCD"[: len(options)]]
-                assert gpt["value"] in "ABCD"[: len(options)]
-                doc = _mmbench_doc(question, options, hint, gpt["value"])
+                assert gpt["value"] in options  # the default answer style: the option's text
+                doc = _mmbench_doc(question, options, hint, "ABCD"[options.index(gpt["value"])])
                 assert en_utils.mmbench_doc_to_text(doc, mm_post) == prompt
                 counts["mmbench_hint" if hint else "mmbench"] += 1
             elif prompt.endswith(S.VIZWIZ_POST_PROMPT):
@@ -495,7 +500,7 @@ def test_mmbench_answer_styles_change_only_the_mmbench_answers_and_upstream_read
     and other answers), and upstream MMBench's rule-based matcher maps every such answer to the right letter."""
     mmbench_evals = pytest.importorskip("lmms_eval.tasks.mmbench.mmbench_evals")
     matcher = mmbench_evals.MMBench_Evaluator(sys_prompt=S.MMBENCH_OPTIONS_HEADER)
-    S.write_llava_instruct(tmp_path / "letter", 60, seed=3, progress=False)
+    S.write_llava_instruct(tmp_path / "letter", 60, seed=3, mmbench_answer="letter", progress=False)
     S.write_llava_instruct(tmp_path / style, 60, seed=3, mmbench_answer=style, progress=False)
     letters = json.loads((tmp_path / "letter" / "instruct.json").read_text())
     others = json.loads((tmp_path / style / "instruct.json").read_text())

@@ -110,12 +110,14 @@ __all__ = [
     "DEFAULT_CONFIG",
     "GENERATOR_VERSION",
     "MC_ANSWER_PROMPT",
+    "MMBENCH_ANSWER_STYLES",
     "MMBENCH_OPTIONS_HEADER",
     "QA",
     "QA_KINDS",
     "SHORT_ANSWER_PROMPT",
     "VIZWIZ_POST_PROMPT",
     "mmbench_prompt",
+    "mmbench_target",
     "vizwiz_prompt",
     "Scene",
     "ShapeObject",
@@ -144,7 +146,7 @@ __all__ = [
 
 GENERATOR_NAME = "clipmoe_vlm.data.shapes"
 #: Bump when the output for a given seed changes; it is part of the cache key in ``manifest.json``.
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"
 
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 96
@@ -1299,7 +1301,7 @@ def write_llava_instruct(
     image_size: int = 64,
     config: ShapesConfig | None = None,
     text_only_fraction: float = 0.03,
-    mmbench_answer: str = "letter",
+    mmbench_answer: str = "text",
     progress: bool = True,
 ) -> WriteResult:
     """LLaVA instruction-tuning set: ``instruct.json`` and ``images/instruct/*.png`` under ``out_dir``.
@@ -1308,7 +1310,8 @@ def write_llava_instruct(
     the two benchmark prompt styles as lmms-eval renders them: MMBench multiple choice with an optional hint
     and "There are several options:", and VizWiz short answers with the "Unanswerable" instruction, a share
     of them unanswerable from the image; ``<image>`` only in the first human turn), plus ``max(1, round(n * text_only_fraction))`` text-only
-    samples (none when the fraction is 0), shuffled together deterministically.
+    samples (none when the fraction is 0), shuffled together deterministically. ``mmbench_answer`` picks the
+    answer of the MMBench-format turns (`mmbench_target`; default ``"text"``, the option's text).
     """
     n = _check_positive("n", n)
     seed, image_size, config = _setup(seed, image_size, config)
@@ -1885,6 +1888,7 @@ def generate_world(
     image_size: int = 64,
     eval_dir: str | os.PathLike[str] | None = None,
     config: ShapesConfig | None = None,
+    mmbench_answer: str = "text",
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -1903,6 +1907,10 @@ def generate_world(
         n_mmvp_pairs: MMVP-VLM pairs per attribute.
         image_size: image side in pixels, 32 to 96.
         eval_dir: folder for the three parquet files (default ``root/eval/data``).
+        mmbench_answer: how the instruction data answers MMBench-format turns (`mmbench_target`): ``"text"``
+            (default; the option's text, which MMBench's matcher maps to its letter), ``"text-letter"``
+            or ``"letter"`` (LLaVA-1.5's format; the tiny default LM does not learn to read options, see
+            docs/results.md).
         config: world vocabulary and difficulty (default :class:`ShapesConfig`).
         force: regenerate even if ``manifest.json`` already describes this exact world.
         progress: show tqdm progress bars.
@@ -1926,6 +1934,8 @@ def generate_world(
     }
     sizes = {name: _check_positive(name, value) for name, value in sizes.items()}
     image_size = _check_image_size(image_size)
+    if mmbench_answer not in MMBENCH_ANSWER_STYLES:
+        raise ValueError(f"mmbench_answer must be one of {list(MMBENCH_ANSWER_STYLES)}, got {mmbench_answer!r}")
     config = config or DEFAULT_CONFIG
     root = Path(root)
     eval_path = Path(eval_dir) if eval_dir is not None else root / "eval" / "data"
@@ -1935,6 +1945,7 @@ def generate_world(
         "image_size": image_size,
         "eval_dir": None if eval_dir is None else str(Path(eval_dir).resolve()),
         "config": config.to_dict(),
+        "mmbench_answer": mmbench_answer,
     }
     manifest_path = root / _MANIFEST
     if not force and _manifest_is_current(_read_json(manifest_path), params, root):
@@ -1953,7 +1964,7 @@ def generate_world(
     result = WriteResult()
     result.update(write_clip_pairs(root / "clip_train", sizes["n_train"], **common))
     result.update(write_llava_pretrain(root / "llava", sizes["n_pretrain"], **common))
-    result.update(write_llava_instruct(root / "llava", sizes["n_instruct"], **common))
+    result.update(write_llava_instruct(root / "llava", sizes["n_instruct"], mmbench_answer=mmbench_answer, **common))
     result.update(write_mmbench(eval_path / _EVAL_FILES["mmbench_en_dev"], sizes["n_eval"], **common))
     result.update(write_vizwiz(eval_path / _EVAL_FILES["vizwiz_vqa_val"], sizes["n_eval"], **common))
     result.update(write_mmvet(eval_path / _EVAL_FILES["mmvet"], sizes["n_mmvet"], **common))
