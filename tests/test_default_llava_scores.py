@@ -1,9 +1,9 @@
 """The default LLaVA (`bash scripts/finetune_llava.sh`, no arguments) scores above chance through lmms-eval.
 
-Slow (about 10 minutes on 2 cores when ``runs/clip-moe`` exists, plus the default upcycling run when it does not):
+Slow (4 min 8 s measured on 2 cores with ``runs/clip-moe`` present; the default upcycling run first when it is not):
 ``python -m pytest -m slow tests/test_default_llava_scores.py``. It trains both stages into a temporary folder,
 exactly as the script's CPU default does (same world, same tower, same flags), and scores the result on the
-Shapes MMBench and VizWiz sets with `scripts/eval_lmms.py`. Measured: MMBench 46.7 (chance 32.5), VizWiz 0.603
+Shapes MMBench and VizWiz sets with `scripts/eval_lmms.py`'s `main`. Measured: MMBench 46.7 (chance 32.5), VizWiz 0.603
 (docs/results.md).
 """
 

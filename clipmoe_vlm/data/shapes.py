@@ -1202,13 +1202,15 @@ def mmbench_target(letter: str, option: str, style: str = "letter") -> str:
     LLaVA-1.5's multiple-choice data), ``"text-letter"`` the option's text then its letter (``"red (B)"``),
     ``"text"`` the option's text alone (``"red"``). MMBench's rule-based matcher reads the letter of the
     first two (``can_infer_option``) and maps a unique option text in the third (``can_infer_text``)."""
+    _check_mmbench_answer(style)
     if style == "letter":
         return letter
-    if style == "text-letter":
-        return f"{option} ({letter})"
-    if style == "text":
-        return option
-    raise ValueError(f"mmbench_answer must be one of {list(MMBENCH_ANSWER_STYLES)}, got {style!r}")
+    return f"{option} ({letter})" if style == "text-letter" else option
+
+
+def _check_mmbench_answer(style: str) -> None:
+    if style not in MMBENCH_ANSWER_STYLES:
+        raise ValueError(f"mmbench_answer must be one of {list(MMBENCH_ANSWER_STYLES)}, got {style!r}")
 
 
 def vizwiz_prompt(question: str) -> str:
@@ -1317,8 +1319,7 @@ def write_llava_instruct(
     seed, image_size, config = _setup(seed, image_size, config)
     if not 0.0 <= text_only_fraction < 1.0:
         raise ValueError(f"text_only_fraction must be in [0, 1), got {text_only_fraction}")
-    if mmbench_answer not in MMBENCH_ANSWER_STYLES:
-        raise ValueError(f"mmbench_answer must be one of {list(MMBENCH_ANSWER_STYLES)}, got {mmbench_answer!r}")
+    _check_mmbench_answer(mmbench_answer)
     out = Path(out_dir)
     samples: list[dict[str, Any]] = []
     styles = ("short", "long", "mc", "mmbench", "vizwiz")
@@ -1934,8 +1935,7 @@ def generate_world(
     }
     sizes = {name: _check_positive(name, value) for name, value in sizes.items()}
     image_size = _check_image_size(image_size)
-    if mmbench_answer not in MMBENCH_ANSWER_STYLES:
-        raise ValueError(f"mmbench_answer must be one of {list(MMBENCH_ANSWER_STYLES)}, got {mmbench_answer!r}")
+    _check_mmbench_answer(mmbench_answer)
     config = config or DEFAULT_CONFIG
     root = Path(root)
     eval_path = Path(eval_dir) if eval_dir is not None else root / "eval" / "data"
