@@ -14,32 +14,19 @@ Mixtral and Switch/V-MoE code bases use:
 - ``capacity_factor`` and ``batch_priority_routing``: V-MoE style expert capacity
   ``ceil(k * tokens * capacity_factor / E)`` with token dropping, optionally filled in order of the tokens'
   top-1 gate value (batch priority routing); ``None`` keeps every token;
-- ``router_aux_loss_coef`` and ``router_z_loss_coef``: weights of the load-balancing and router z-losses that
-  `CLIPMoEModel` adds to its ``aux_loss`` output.
+- ``router_aux_loss_coef``, ``router_z_loss_coef``, ``router_local_entropy_coef``, ``router_global_entropy_coef``
+  (with ``router_global_entropy_min_experts``): weights of the router losses that each tower adds to the
+  ``aux_loss`` of its output (load balancing, z-loss, LIMoE's local and global entropy).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-__all__ = ["CLIPMoEConfig", "CLIPMoETextConfig", "CLIPMoEVisionConfig", "MOE_CONFIG_FIELDS"]
-
-# The MoE fields shared by both towers, with their defaults. Kept in one place so that the two tower configs,
-# the CLI and the tests agree on the set.
-MOE_CONFIG_FIELDS: dict[str, object] = {
-    "num_experts": 4,
-    "top_k": 2,
-    "moe_layers": None,
-    "norm_topk_prob": True,
-    "router_jitter_noise": 0.0,
-    "expert_dropout": 0.0,
-    "capacity_factor": None,
-    "batch_priority_routing": False,
-    "router_aux_loss_coef": 0.01,
-    "router_z_loss_coef": 0.0,
-}
-
+__all__ = ["CLIPMoEConfig", "CLIPMoETextConfig", "CLIPMoEVisionConfig", "MOE_CONFIG_FIELDS", "MoETowerFields"]
 
 def _validate_moe_fields(config) -> None:
     """Checks the MoE fields of a tower config; raises ValueError naming the field at fault."""
@@ -63,13 +50,33 @@ def _validate_moe_fields(config) -> None:
         raise ValueError(f"{name}.capacity_factor must be > 0 or None, got {config.capacity_factor}")
     if not 0.0 <= config.expert_dropout < 1.0:
         raise ValueError(f"{name}.expert_dropout must be in [0, 1), got {config.expert_dropout}")
-    for field in ("router_jitter_noise", "router_aux_loss_coef", "router_z_loss_coef"):
+    for field in ("router_jitter_noise", "router_aux_loss_coef", "router_z_loss_coef", "router_local_entropy_coef",
+                  "router_global_entropy_coef"):
         if getattr(config, field) < 0:
             raise ValueError(f"{name}.{field} must be >= 0, got {getattr(config, field)}")
 
 
-class _MoETowerMixin:
-    """Helpers shared by the two tower configs (not a config itself)."""
+@dataclasses.dataclass(repr=False)
+class MoETowerFields:
+    """The MoE fields of both tower configs, declared once (the configs inherit them), and their helpers.
+
+    The router loss coefficients are read by the model's head, which adds the weighted losses to ``aux_loss``:
+    load balancing (``router_aux_loss_coef``), ST-MoE's z-loss, LIMoE's local entropy and its global entropy
+    (thresholded at ``log(router_global_entropy_min_experts)`` when that is set)."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    moe_layers: list[int] | None = None
+    norm_topk_prob: bool = True
+    router_jitter_noise: float = 0.0
+    expert_dropout: float = 0.0
+    capacity_factor: float | None = None
+    batch_priority_routing: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    router_local_entropy_coef: float = 0.0
+    router_global_entropy_coef: float = 0.0
+    router_global_entropy_min_experts: float | None = None
 
     def moe_layer_indices(self) -> list[int]:
         """The sorted indices of the MoE layers of this tower."""
@@ -81,23 +88,16 @@ class _MoETowerMixin:
         return index in self.moe_layer_indices()
 
 
+# The MoE fields and their defaults (the CLI and the conversions check option names against it).
+MOE_CONFIG_FIELDS: dict[str, object] = {f.name: f.default for f in dataclasses.fields(MoETowerFields)}
+
+
 @strict
-class CLIPMoEVisionConfig(_MoETowerMixin, CLIPVisionConfig):
+class CLIPMoEVisionConfig(MoETowerFields, CLIPVisionConfig):
     """`CLIPVisionConfig` plus the MoE fields (see the module docstring)."""
 
     model_type = "clip_moe_vision_model"
     base_config_key = "vision_config"
-
-    num_experts: int = 4
-    top_k: int = 2
-    moe_layers: list[int] | None = None
-    norm_topk_prob: bool = True
-    router_jitter_noise: float = 0.0
-    expert_dropout: float = 0.0
-    capacity_factor: float | None = None
-    batch_priority_routing: bool = False
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.0
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -105,22 +105,11 @@ class CLIPMoEVisionConfig(_MoETowerMixin, CLIPVisionConfig):
 
 
 @strict
-class CLIPMoETextConfig(_MoETowerMixin, CLIPTextConfig):
+class CLIPMoETextConfig(MoETowerFields, CLIPTextConfig):
     """`CLIPTextConfig` plus the MoE fields (see the module docstring)."""
 
     model_type = "clip_moe_text_model"
     base_config_key = "text_config"
-
-    num_experts: int = 4
-    top_k: int = 2
-    moe_layers: list[int] | None = None
-    norm_topk_prob: bool = True
-    router_jitter_noise: float = 0.0
-    expert_dropout: float = 0.0
-    capacity_factor: float | None = None
-    batch_priority_routing: bool = False
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.0
 
     def validate_architecture(self):
         super().validate_architecture()

@@ -33,8 +33,7 @@ def base_dir(seed: int = 0) -> Path:
     return cache_dir() / f"base-shapes-seed{seed}"
 
 
-WORLD_SIZES = {"n_train": 4000, "n_pretrain": 2000, "n_instruct": 2000, "n_eval": 300, "n_mmvet": 100,
-               "n_retrieval": 300, "n_zeroshot_per_class": 20, "n_mmvp_pairs": 15}
+from .data.shapes import DEFAULT_WORLD_SIZES as WORLD_SIZES
 
 
 def ensure_world(seed: int = 0, scale: float = 1.0) -> Path:

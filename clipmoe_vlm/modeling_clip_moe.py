@@ -46,7 +46,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint import check_shapes, safetensors_shapes
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from .losses import load_balancing_loss, router_z_loss
+from .losses import global_entropy_loss, load_balancing_loss, local_entropy_loss, router_z_loss
 from .moe import CLIPMoEExperts, CLIPMoERouter, CLIPMoESparseBlock
 
 __all__ = [
@@ -63,9 +63,11 @@ __all__ = [
 @dataclass
 class CLIPMoETowerOutput(BaseModelOutputWithPooling):
     """``BaseModelOutputWithPooling`` plus ``router_logits``: one (batch*seq, num_experts) tensor per MoE layer,
-    present when the tower is called with ``output_router_logits=True``."""
+    present when the tower is called with ``output_router_logits=True``, and ``aux_loss``, the tower's weighted
+    router losses computed from them (`tower_aux_loss`)."""
 
     router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -168,9 +170,13 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel, CLIPVisionModel):
         self.post_layernorm = nn.LayerNorm(embed_dim, eps=config.layer_norm_eps)
         self.post_init()
 
+    def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False,
+                **kwargs) -> CLIPMoETowerOutput:
+        return _with_aux_loss(self._encode(pixel_values, interpolate_pos_encoding, **kwargs), self.config)
+
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False,
+    def _encode(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool | None = False,
                 **kwargs) -> CLIPMoETowerOutput:
         if pixel_values is None:
             raise ValueError("CLIPMoEVisionModel needs pixel_values")
@@ -196,9 +202,14 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel, CLIPTextModel):
         self.eos_token_id = config.eos_token_id
         self.post_init()
 
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> CLIPMoETowerOutput:
+        out = self._encode(input_ids, attention_mask, position_ids, **kwargs)
+        return _with_aux_loss(out, self.config, attention_mask)
+
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    def _encode(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **kwargs) -> CLIPMoETowerOutput:
         if input_ids is None:
             raise ValueError("CLIPMoETextModel needs input_ids")
@@ -221,13 +232,26 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel, CLIPTextModel):
 
 
 def tower_aux_loss(router_logits, config, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``router_aux_loss_coef * load_balancing + router_z_loss_coef * z_loss`` of one tower, or None."""
+    """The weighted router losses of one tower (coefficients from its config), or None without router logits:
+    load balancing, z-loss, LIMoE's local entropy and its (thresholded) global entropy."""
     if not router_logits:
         return None
     loss = config.router_aux_loss_coef * load_balancing_loss(router_logits, config.top_k, attention_mask)
     if config.router_z_loss_coef > 0:
         loss = loss + config.router_z_loss_coef * router_z_loss(router_logits, attention_mask)
+    if config.router_local_entropy_coef > 0:
+        loss = loss + config.router_local_entropy_coef * local_entropy_loss(router_logits, attention_mask)
+    if config.router_global_entropy_coef > 0:
+        loss = loss + config.router_global_entropy_coef * global_entropy_loss(
+            router_logits, config.router_global_entropy_min_experts, attention_mask)
     return loss
+
+
+def _with_aux_loss(out, config, attention_mask: torch.Tensor | None = None):
+    """Adds the tower's ``aux_loss`` to its output: computed once, at the tower's head, as Mixtral's head does."""
+    if isinstance(out, CLIPMoETowerOutput) and out.router_logits:
+        out.aux_loss = tower_aux_loss(out.router_logits, config, attention_mask)
+    return out
 
 
 class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
@@ -274,11 +298,8 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
 
         image_router_logits = vision_outputs.router_logits if output_router_logits else None
         text_router_logits = text_outputs.router_logits if output_router_logits else None
-        terms = [
-            tower_aux_loss(image_router_logits, self.config.vision_config),
-            tower_aux_loss(text_router_logits, self.config.text_config, attention_mask),
-        ]
-        terms = [t for t in terms if t is not None]
+        terms = [out.aux_loss for out in (vision_outputs, text_outputs)
+                 if output_router_logits and out.aux_loss is not None]
         aux_loss = sum(terms) if terms else None
 
         loss = None

@@ -5,8 +5,8 @@ Example::
     python scripts/generate_shapes.py --out data/shapes --seed 0
 
 Everything is written under ``--out``, with a ``manifest.json``. A rerun with the same flags is a no-op
-(the manifest is the cache key) unless ``--force`` is given. See ``clipmoe_vlm/data/shapes.py`` for the
-file layout.
+(the manifest is the cache key) unless ``--force`` is given. See ``clipmoe_vlm/data/shapes/generate.py`` for
+the file layout.
 """
 
 from __future__ import annotations
@@ -17,7 +17,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clipmoe_vlm.data.shapes import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MMBENCH_ANSWER_STYLES, generate_world
+from clipmoe_vlm.data.shapes import (
+    DEFAULT_WORLD_SIZES,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    MMBENCH_ANSWER_STYLES,
+    generate_world,
+)
+
+_SIZE_HELP = {
+    "n_train": "number of CLIP training image-caption pairs",
+    "n_pretrain": "number of LLaVA projector-pretraining caption samples",
+    "n_instruct": "number of LLaVA instruction samples with an image (about 3%% text-only samples are added)",
+    "n_eval": "rows of mmbench_en_dev.parquet and of vizwiz_vqa_val.parquet",
+    "n_mmvet": "rows of mmvet.parquet (each needs an LLM judge)",
+    "n_retrieval": "images in the COCO-style retrieval set (5 captions each)",
+    "n_zeroshot_per_class": "images per class in each zero-shot attribute folder",
+    "n_mmvp_pairs": "MMVP-VLM image pairs per attribute",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,27 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="world seed; equal seeds and flags give byte-identical files"
     )
-    parser.add_argument("--n-train", type=int, default=4000, help="number of CLIP training image-caption pairs")
-    parser.add_argument(
-        "--n-pretrain", type=int, default=2000, help="number of LLaVA projector-pretraining caption samples"
-    )
-    parser.add_argument(
-        "--n-instruct",
-        type=int,
-        default=2000,
-        help="number of LLaVA instruction samples with an image (about 3%% text-only samples are added)",
-    )
-    parser.add_argument(
-        "--n-eval", type=int, default=300, help="rows of mmbench_en_dev.parquet and of vizwiz_vqa_val.parquet"
-    )
-    parser.add_argument("--n-mmvet", type=int, default=100, help="rows of mmvet.parquet (each needs an LLM judge)")
-    parser.add_argument(
-        "--n-retrieval", type=int, default=300, help="images in the COCO-style retrieval set (5 captions each)"
-    )
-    parser.add_argument(
-        "--n-zeroshot-per-class", type=int, default=20, help="images per class in each zero-shot attribute folder"
-    )
-    parser.add_argument("--n-mmvp-pairs", type=int, default=15, help="MMVP-VLM image pairs per attribute")
+    for name, default in DEFAULT_WORLD_SIZES.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=default, help=_SIZE_HELP[name])
     parser.add_argument(
         "--image-size",
         type=int,
@@ -84,14 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     manifest = generate_world(
         args.out,
         seed=args.seed,
-        n_train=args.n_train,
-        n_pretrain=args.n_pretrain,
-        n_instruct=args.n_instruct,
-        n_eval=args.n_eval,
-        n_mmvet=args.n_mmvet,
-        n_retrieval=args.n_retrieval,
-        n_zeroshot_per_class=args.n_zeroshot_per_class,
-        n_mmvp_pairs=args.n_mmvp_pairs,
+        **{name: getattr(args, name) for name in DEFAULT_WORLD_SIZES},
         image_size=args.image_size,
         eval_dir=args.eval_dir,
         mmbench_answer=args.mmbench_answer,

@@ -1,9 +1,6 @@
-"""Merge a LoRA run (adapter + non-LoRA trainables) into a full LLaVA folder.
+"""Merge a LoRA adapter folder into a full LLaVA folder: `clipmoe merge-lora` (flags: --help)."""
 
-    python scripts/merge_lora.py runs/llava-lora runs/llava-lora-merged [--base runs/llava-pretrain]
-"""
-
-from clipmoe_vlm.llava.lora import main
+from clipmoe_cli.main import run_command
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command("merge-lora"))

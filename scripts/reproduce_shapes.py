@@ -1,9 +1,6 @@
-"""Run the Shapes comparison (dense base, dense, clip-up, dmu) over several seeds into docs/results.md.
+"""The Shapes comparison over several seeds: `clipmoe reproduce` (flags: --help)."""
 
-    python scripts/reproduce_shapes.py --seeds 0 1 2
-"""
-
-from upcycle.reproduce import main
+from clipmoe_cli.main import run_command
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command("reproduce"))

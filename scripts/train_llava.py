@@ -1,13 +1,6 @@
-"""Train LLaVA-1.5 with a CLIP-MoE (or dense CLIP) vision tower.
+"""Train LLaVA-1.5 (stage 1 or 2) with a CLIP-MoE tower: `clipmoe train-llava` (flags: --help)."""
 
-    python scripts/train_llava.py --stage pretrain                       # tiny CPU default (Shapes world)
-    python scripts/train_llava.py --stage finetune                       # from runs/llava-pretrain
-    python scripts/train_llava.py --stage finetune --lora [--bits 4]     # LoRA / QLoRA
-    python scripts/train_llava.py --config configs/llava/finetune.yaml   # YAML, flags override
-    python scripts/train_llava.py --help                                 # every option
-"""
-
-from clipmoe_vlm.llava.train import main
+from clipmoe_cli.main import run_command
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command("train-llava"))

@@ -1,11 +1,6 @@
-"""Turn a dense CLIP into a CLIP-MoE.
+"""Turn a dense CLIP into a CLIP-MoE (no flags: the embedded Shapes comparison): `clipmoe upcycle` (flags: --help)."""
 
-    python scripts/upcycle_encoder.py                      # tiny random base, runs anywhere
-    python scripts/upcycle_encoder.py --base path/to/clip --num-experts 4 --top-k 2 --output runs/clip-moe
-    python scripts/upcycle_encoder.py --help               # every flag
-"""
-
-from upcycle.cli import main
+from clipmoe_cli.main import run_command
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command("upcycle"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -43,23 +42,9 @@ def input_ids() -> torch.Tensor:
     return ids
 
 
-# ---- shared by the encoder-evaluation and routing tests: a tiny Shapes world, a tiny CLIP-MoE, the scripts ----
-ROOT = Path(__file__).resolve().parents[1]
+# ---- shared by the encoder-evaluation and routing tests: a tiny Shapes world, a tiny CLIP-MoE ----
 SMALL_WORLD = {"n_train": 8, "n_pretrain": 4, "n_instruct": 4, "n_eval": 8, "n_mmvet": 4, "n_retrieval": 12,
                "n_zeroshot_per_class": 2, "n_mmvp_pairs": 2, "progress": False}
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def load_script():
-    """``load_script("eval_encoder")`` imports ``scripts/eval_encoder.py`` as a module."""
-    return _load_script
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +69,9 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_moe():
-    """A random 4-expert top-2 CLIP-MoE upcycled from the tiny CLIP of ``upcycle.sources.tiny_clip_config``."""
+    """A random 4-expert top-2 CLIP-MoE upcycled from the tiny CLIP of ``clipmoe_vlm.loading.tiny_clip_config``."""
+    from clipmoe_vlm.loading import tiny_clip_config
     from upcycle import sparse_upcycle
-    from upcycle.sources import tiny_clip_config
 
     torch.manual_seed(0)
     return sparse_upcycle(CLIPModel(tiny_clip_config()), num_experts=4, top_k=2).eval()

@@ -1,24 +1,61 @@
-"""The benchmark's FLOP formulas, its naive per-expert peer, and a smoke run of `scripts/benchmark.py`."""
+"""The benchmark's FLOP formulas, its contenders against the sparse block and a naive per-expert reference,
+and a smoke run of `scripts/benchmark.py`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPMLP
 
+from clipmoe_cli import benchmarks
+from clipmoe_cli.benchmarks.models import clip_moe, vit_clip_config
+from clipmoe_cli.benchmarks.moe import NaiveLoopMoE, with_padded_bmm
+from clipmoe_cli.benchmarks.timing import count_flops, moe_layer_flops, vision_tower_flops
+from clipmoe_cli.benchmarks.training import train_step_fn
 from clipmoe_vlm import CLIPMoESparseBlock, CLIPMoEVisionConfig, CLIPMoEVisionModel
-from clipmoe_vlm.benchmark import NaivePerExpertMoE, count_flops, moe_layer_flops, vision_tower_flops
 from clipmoe_vlm.moe import plan_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
              patch_size=8)
+
+
+class NaivePerExpertMoE(nn.Module):
+    """The reference the sparse block is checked against: transformers' former Mixtral dispatch over the same
+    router and expert tensors as a `CLIPMoESparseBlock`: for each expert, ``torch.where`` on the one-hot routing
+    mask, index the tokens, compute, ``index_add_``. With a capacity factor, the assignments `plan_routing`
+    drops are masked out (``plan.kept``)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        block = self.block
+        batch, seq, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)
+        logits, weights, indices = block.gate(x)
+        mask = F.one_hot(indices, block.num_experts)  # (T, k, E)
+        if block.capacity_factor is not None:
+            priority = (logits.float().softmax(-1).amax(-1) if block.batch_priority_routing else None)
+            kept = plan_routing(weights, indices, block.num_experts, block.capacity_factor, priority).kept
+            mask = mask * kept[..., None]
+        mask = mask.permute(2, 1, 0)  # (E, k, T)
+        out = None
+        for e in range(block.num_experts):
+            idx, top_x = torch.where(mask[e])
+            y = block.experts.expert_forward(e, x[top_x]) * weights[top_x, idx, None].to(x.dtype)
+            if out is None:
+                out = torch.zeros(x.shape, dtype=y.dtype, device=x.device)
+            out.index_add_(0, top_x, y.to(out.dtype))
+        return out.to(hidden_states.dtype).view(batch, seq, hidden)
 
 
 def _block(**overrides) -> CLIPMoESparseBlock:
@@ -100,27 +137,20 @@ def test_naive_peer_matches_block_with_capacity_drops(capacity_factor, bpr):
         torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("contender", [with_padded_bmm, NaiveLoopMoE], ids=["padded_bmm", "naive_loop"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_padded_bmm_candidate_matches_block(capacity_factor):
-    from clipmoe_vlm.benchmark import with_padded_bmm
-
+def test_benchmark_contenders_match_block(capacity_factor, contender):
+    """The moe_layer item's contenders compute what the block computes (so the benchmark races equals)."""
     block = _block(capacity_factor=capacity_factor)
     with torch.no_grad():
         block.gate.weight[3] = -100.0 * block.gate.weight[:3].abs().sum(0)  # expert 3 gets no token
         x = torch.randn(2, 9, 32).abs()
-        torch.testing.assert_close(with_padded_bmm(block)(x), block(x), atol=1e-5, rtol=1e-5)
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        torch.testing.assert_close(contender(block)(x), block(x), atol=1e-5, rtol=1e-5)
 
 
 def test_help_names_every_flag(capsys):
     with pytest.raises(SystemExit):
-        _script().main(["--help"])
+        benchmarks.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--items", "--quick", "--dtypes", "--repeats", "--threads", "--profile", "--json", "--seed"):
         assert flag in text
@@ -128,7 +158,7 @@ def test_help_names_every_flag(capsys):
 
 def test_quick_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    _script().main(["--quick", "--items", "moe_layer", "tower", "train", "generate", "data", "--dtypes", "fp32",
+    benchmarks.main(["--quick", "--items", "moe_layer", "tower", "train", "generate", "data", "--dtypes", "fp32",
                     "--repeats", "1", "--json", str(out)])
     result = json.loads(out.read_text())
     assert set(result["items"]) == {"moe_layer", "tower", "train", "generate", "data"}
@@ -151,17 +181,15 @@ def test_train_step_flops_count_sdpa_like_eager():
     """A tiny CLIP-MoE: the forward FLOPs counted with SDPA equal the eager-attention count; a training step's
     SDPA count is at least the eager one (the CPU attention backward computes dQ, dK, dV even where autograd
     on eager attention skips them, e.g. the first layer behind frozen embeddings)."""
-    from clipmoe_vlm.benchmark import _clip_moe, _train_step_fn, vit_clip_config
-
     forward, step = [], []
     for impl in ("sdpa", "eager"):
-        model = _clip_moe(vit_clip_config("tiny"))
+        model = clip_moe(vit_clip_config("tiny"))
         model.set_attn_implementation(impl)
         assert model.config.vision_config._attn_implementation == impl
         ids = torch.randint(1, 1000, (2, 77))
         pix = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             forward.append(count_flops(lambda m=model, i=ids, p=pix: m(input_ids=i, pixel_values=p)))
-        step.append(count_flops(_train_step_fn(model, "mcl", 4)))
+        step.append(count_flops(train_step_fn(model, "mcl", 4)))
     assert forward[0] == forward[1] > 0
     assert step[0] >= step[1] > 2 * forward[1]

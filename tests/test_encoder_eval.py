@@ -1,5 +1,5 @@
 """Encoder evaluation: retrieval, zero-shot, MMVP-VLM and the Shapes one-call run, on stubs whose answers are known
-and on a tiny random CLIP-MoE over a tiny Shapes world; bad layouts; scripts/eval_encoder.py end to end."""
+and on a tiny random CLIP-MoE over a tiny Shapes world; bad layouts; `clipmoe eval-encoder` end to end."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
+from clipmoe_cli import eval_encoder
 from clipmoe_vlm.data.shapes import ATTRIBUTES
 from clipmoe_vlm.evaluation import (
     EvalDataError,
@@ -29,8 +30,8 @@ from clipmoe_vlm.evaluation import (
     zeroshot_classification,
     zeroshot_classifier,
 )
-from upcycle.data import clip_image_transform, open_clip_tokenizer
-from upcycle.sources import tiny_clip_config
+from clipmoe_vlm.loading import tiny_clip_config
+from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -107,7 +108,7 @@ def write_coco(root: Path, captions_per_image: list[int]) -> tuple[Path, list[in
 
 @pytest.fixture(scope="module")
 def transform_and_tokenizer(tiny_moe):
-    """What scripts/eval_encoder.py builds for the model: its image size and its text context length."""
+    """What `clipmoe eval-encoder` builds for the model: its image size and its text context length."""
     config = tiny_moe.config
     return (clip_image_transform(config.vision_config.image_size),
             open_clip_tokenizer(config.text_config.max_position_embeddings))
@@ -385,11 +386,11 @@ def test_wrong_layouts_name_the_expected_file(tmp_path, world):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# scripts/eval_encoder.py
+# `clipmoe eval-encoder`
 
 
-def test_eval_encoder_help_documents_every_flag(capsys, load_script):
-    script = load_script("eval_encoder")
+def test_eval_encoder_help_documents_every_flag(capsys):
+    script = eval_encoder
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0
@@ -402,12 +403,12 @@ def test_eval_encoder_help_documents_every_flag(capsys, load_script):
     assert all(action.help for action in parser._actions)
 
 
-def test_eval_encoder_main_runs_end_to_end_on_the_tiny_world(world, tiny_moe, shapes_metrics, tmp_path, capsys, load_script):
+def test_eval_encoder_main_runs_end_to_end_on_the_tiny_world(world, tiny_moe, shapes_metrics, tmp_path, capsys):
     model_dir = tmp_path / "clip-moe"
     tiny_moe.save_pretrained(model_dir)
     out = tmp_path / "metrics.json"
     color = world / "encoder_eval" / "zeroshot" / "color"
-    report = load_script("eval_encoder").main([
+    report = eval_encoder.main([
         "--model", str(model_dir), "--shapes", str(world), "--zeroshot", f"colors={color}",
         "--output", str(out), "--device", "cpu", "--num-workers", "0", "--batch-size", "16", "--no-progress"])
     saved = json.loads(out.read_text())
@@ -423,6 +424,6 @@ def test_eval_encoder_main_runs_end_to_end_on_the_tiny_world(world, tiny_moe, sh
     assert "shapes/retrieval/i2t_R@1" in printed and "zeroshot/colors/top1" in printed
 
 
-def test_eval_encoder_rejects_flickr_without_images(tmp_path, load_script):
+def test_eval_encoder_rejects_flickr_without_images(tmp_path):
     with pytest.raises(SystemExit, match="--flickr-images"):
-        load_script("eval_encoder").main(["--flickr-karpathy", str(tmp_path / "x.json")])
+        eval_encoder.main(["--flickr-karpathy", str(tmp_path / "x.json")])

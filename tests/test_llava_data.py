@@ -23,13 +23,10 @@ from transformers import (
 )
 
 from clipmoe_vlm.data.conversation import TEMPLATES, Turn, get_template
-from clipmoe_vlm.data.llava_dataset import (
-    IGNORE_INDEX,
-    LlavaCollator,
-    LlavaDataset,
-    ModalityLengthGroupedSampler,
-    expand_to_square,
-)
+from clipmoe_vlm.data.llava_batching import LlavaCollator, ModalityLengthGroupedSampler
+from clipmoe_vlm.data.llava_dataset import LlavaDataset
+from clipmoe_vlm.data.llava_images import expand_to_square
+from clipmoe_vlm.data.llava_tokenize import IGNORE_INDEX
 from clipmoe_vlm.data.tokenizer import build_local_tokenizer
 
 NUM_IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches, CLS dropped by vision_feature_select_strategy="default"

@@ -25,7 +25,7 @@ from clipmoe_vlm.data.tokenizer import build_local_tokenizer
 from clipmoe_vlm.llava import build_llava
 from clipmoe_vlm.llava.inference import answer_questions, build_prompt
 from clipmoe_vlm.llava.lora import QUANT_SKIP_MODULES, apply_lora, load_lora_llava, merge_lora, save_lora
-from clipmoe_vlm.llava.trainer import configure_trainable, trainable_parameter_names
+from clipmoe_vlm.llava.trainable import configure_trainable, trainable_parameter_names
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle is left of a blue square", "what color is the circle?", "the circle is red",
@@ -115,7 +115,7 @@ def test_builder_adds_image_token_and_qwen2_and_dense_tower(tmp_path):
     qwen = Qwen2Config(vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
-    from upcycle.sources import tiny_clip_config
+    from clipmoe_vlm.loading import tiny_clip_config
 
     dense = CLIPModel(tiny_clip_config(image_size=32, patch_size=8, width=32, layers=2, text_layers=1,
                                        vocab_size=50, context_length=8))
@@ -321,8 +321,8 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tower_dir(tmp_path_factory):
     """A stand-in for runs/clip-moe: a tiny CLIP upcycled to a CLIP-MoE folder."""
+    from clipmoe_vlm.loading import tiny_clip_config
     from upcycle import sparse_upcycle
-    from upcycle.sources import tiny_clip_config
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("clip-moe")
@@ -389,7 +389,7 @@ def test_resume_continues_at_the_exact_step(pretrained, tiny_world, tmp_path):
 
     argv = ["--stage", "finetune", "--model", str(pretrained.output_dir), "--data-path",
             str(tiny_world / "llava" / "instruct.json"), "--max-steps", "4", "--save-steps", "2",
-            "--save-total-limit", "3", "--group-by-modality-length", "false"]
+            "--save-total-limit", "3", "--no-group-by-modality-length"]
     full = run(load_config(argv + _common(tiny_world, tmp_path / "a")))
     reference = LlavaForConditionalGeneration.from_pretrained(full.output_dir).state_dict()
 
@@ -414,7 +414,7 @@ def test_lora_resume_restores_adapter_and_projector(pretrained, tiny_world, tmp_
 
     argv = ["--stage", "finetune", "--lora", "--lora-r", "4", "--lora-alpha", "8", "--model",
             str(pretrained.output_dir), "--data-path", str(tiny_world / "llava" / "instruct.json"), "--max-steps", "4",
-            "--save-steps", "2", "--save-total-limit", "3", "--group-by-modality-length", "false",
+            "--save-steps", "2", "--save-total-limit", "3", "--no-group-by-modality-length",
             "--learning-rate", "1e-2", "--projector-lr", "1e-2"]
     full = run(load_config(argv + _common(tiny_world, tmp_path / "a")))
     shutil.copytree(full.output_dir / "checkpoint-2", tmp_path / "b" / "checkpoint-2")

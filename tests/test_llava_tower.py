@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_VISION
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from clipmoe_vlm import CLIPMoEVisionConfig, CLIPMoEVisionModel
-from conftest import TINY_VISION
 
 IMAGE_TOKEN = 120
 NUM_PATCHES = (32 // 8) ** 2  # image 32, patch 8; the CLS token is dropped ("default" strategy)

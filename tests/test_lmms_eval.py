@@ -18,7 +18,6 @@ import importlib.metadata
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from clipmoe_vlm.lmms.prepare import (
     mmvet_from_folder,
     vizwiz_from_json,
 )
+from clipmoe_vlm.lmms.runner import packaged_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("mmbench_en_dev_local", "mmbench_en_dev_local_gpt", "mmvet_local", "vizwiz_vqa_val_local")
@@ -127,7 +127,7 @@ def yes_llava(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lmm(random_llava):
-    from clipmoe_vlm.lmms.model import ClipMoELlava
+    from clipmoe_vlm.lmms.models.clipmoe_llava import ClipMoELlava
 
     return ClipMoELlava(pretrained=str(random_llava), device="cpu", batch_size=3)
 
@@ -193,7 +193,7 @@ def test_left_padded_batch_matches_one_by_one_greedy(lmm):
 
 
 def test_until_strings_are_applied(yes_llava):
-    from clipmoe_vlm.lmms.model import ClipMoELlava
+    from clipmoe_vlm.lmms.models.clipmoe_llava import ClipMoELlava
 
     model = ClipMoELlava(pretrained=str(yes_llava), device="cpu", batch_size=2)  # always answers "yes"
     contexts, visuals = ["What color?", "hi"], [[_image()], []]
@@ -217,7 +217,7 @@ def test_loglikelihood_matches_manual_computation(lmm, random_llava):
     processor = AutoProcessor.from_pretrained(random_llava)
     prompt = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
               "detailed, and polite answers to the user's questions. USER: <image>\nWhat color is it? ASSISTANT:")
-    from clipmoe_vlm.data.llava_dataset import expand_to_square
+    from clipmoe_vlm.data.llava_images import expand_to_square
 
     background = tuple(int(v * 255) for v in processor.image_processor.image_mean)
     inputs = processor(text=[prompt], images=[expand_to_square(image, background)], return_tensors="pt")
@@ -249,7 +249,7 @@ def test_multi_round_feeds_previous_answers(lmm):
 
 
 def test_missing_model_folder_is_one_clear_error(tmp_path):
-    from clipmoe_vlm.lmms.model import ClipMoELlava
+    from clipmoe_vlm.lmms.models.clipmoe_llava import ClipMoELlava
 
     with pytest.raises(EvalSetupError, match="is not a folder"):
         ClipMoELlava(pretrained=str(tmp_path / "nope"))
@@ -303,14 +303,14 @@ def _write_official_files(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def eval_tree(tmp_path_factory) -> Path:
-    """``<tmp>/eval/{tasks,data}``: the repo's task YAMLs and the converted official-format fixtures."""
+    """``<tmp>/eval/data``: the converted official-format fixtures, where the packaged task YAMLs look for them
+    (``eval/data/`` under the working folder)."""
     root = tmp_path_factory.mktemp("eval_tree")
     official = _write_official_files(root)
     data = root / "eval" / "data"
     mmbench_from_tsv(official["tsv"], data / DATA_FILES["mmbench_en_dev"])
     mmvet_from_folder(official["mmvet"], data / DATA_FILES["mmvet"])
     vizwiz_from_json(official["vizwiz_json"], official["vizwiz_images"], data / DATA_FILES["vizwiz_vqa_val"])
-    shutil.copytree(REPO / "eval" / "tasks", root / "eval" / "tasks")
     return root / "eval"
 
 
@@ -470,10 +470,13 @@ def test_cli_end_to_end_known_scores(tmp_path, yes_llava, eval_tree, mock_judge)
     output = tmp_path / "out"
     command = [sys.executable, "-m", "lmms_eval", "--model", "clipmoe_llava",
                "--model_args", f"pretrained={yes_llava},device=cpu", "--tasks", ",".join(TASKS),
-               "--include_path", str(eval_tree / "tasks"), "--batch_size", "2", "--limit", "4",
+               "--batch_size", "2", "--limit", "4",
                "--gen_kwargs", "max_new_tokens=8", "--output_path", str(output), "--log_samples"]
     _MockJudge.prompts.clear()
-    run = subprocess.run(command, check=False, cwd=tmp_path, env=_cli_env(tmp_path, mock_judge), capture_output=True, text=True,
+    # the tasks packaged in clipmoe_vlm.lmms.tasks, reading eval/data/ under the working folder
+    command += ["--include_path", str(packaged_tasks())]
+    run = subprocess.run(command, check=False, cwd=eval_tree.parent, env=_cli_env(tmp_path, mock_judge),
+                         capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = [p for p in output.rglob("*_results.json") if p.parent.name != "submissions"]
@@ -498,7 +501,7 @@ def test_wrapper_two_processes_match_one(tmp_path, yes_llava, eval_tree, mock_ju
         monkeypatch.setenv(name, value)
     summary = tmp_path / "summary.json"
     code = main([str(yes_llava), "--tasks", "mmbench_en_dev_local,mmvet_local,vizwiz_vqa_val_local",
-                 "--include_path", str(eval_tree / "tasks"), "--output_path", str(tmp_path / "out"),
+                 "--data_dir", str(eval_tree / "data"), "--output_path", str(tmp_path / "out"),
                  "--summary_json", str(summary), "--device", "cpu", "--gen_kwargs", "max_new_tokens=8",
                  "--num_processes", "2", "--no_log_samples"])
     report = json.loads(summary.read_text())
@@ -515,9 +518,9 @@ def test_wrapper_fails_before_launch_without_judge(tmp_path, yes_llava, eval_tre
     for name in JUDGE_ENV:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(JudgeNotConfigured, match="mmvet_local needs an LLM judge"):
-        main([str(yes_llava), "--include_path", str(eval_tree / "tasks"), "--output_path", str(tmp_path)])
+        main([str(yes_llava), "--data_dir", str(eval_tree / "data"), "--output_path", str(tmp_path)])
     with pytest.raises(EvalSetupError, match="is not a folder"):
-        main([str(tmp_path / "nope"), "--include_path", str(eval_tree / "tasks"), "--output_path", str(tmp_path)])
+        main([str(tmp_path / "nope"), "--data_dir", str(eval_tree / "data"), "--output_path", str(tmp_path)])
 
 
 def test_wrapper_summary_flags_missing_tasks(tmp_path):
@@ -538,8 +541,9 @@ def test_wrapper_summary_flags_missing_tasks(tmp_path):
 def test_cli_without_judge_exits_nonzero_with_one_line(tmp_path, yes_llava, eval_tree):
     command = [sys.executable, "-m", "lmms_eval", "--model", "clipmoe_llava",
                "--model_args", f"pretrained={yes_llava},device=cpu", "--tasks", "mmvet_local",
-               "--include_path", str(eval_tree / "tasks"), "--limit", "1", "--output_path", str(tmp_path / "out")]
-    run = subprocess.run(command, check=False, cwd=tmp_path, env=_cli_env(tmp_path, None), capture_output=True, text=True,
+               "--limit", "1", "--output_path", str(tmp_path / "out"), "--include_path", str(packaged_tasks())]
+    run = subprocess.run(command, check=False, cwd=eval_tree.parent, env=_cli_env(tmp_path, None),
+                         capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith("mmvet_local needs an LLM judge and none is configured")
@@ -558,7 +562,7 @@ def test_two_processes_random_model_same_predictions(tmp_path, random_llava, eva
     answers, scores = {}, {}
     for processes in (1, 2):
         out = tmp_path / f"out{processes}"
-        code = main([str(random_llava), "--include_path", str(eval_tree / "tasks"), "--output_path", str(out),
+        code = main([str(random_llava), "--data_dir", str(eval_tree / "data"), "--output_path", str(out),
                      "--device", "cpu", "--gen_kwargs", "max_new_tokens=6", "--num_processes", str(processes),
                      "--batch_size", "2"])
         assert code == 0

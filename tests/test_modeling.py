@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TEXT, TINY_VISION
 from transformers import AutoConfig, AutoModel
 
 from clipmoe_vlm import (
@@ -18,7 +19,6 @@ from clipmoe_vlm import (
 from clipmoe_vlm.checkpoint import CheckpointMismatchError
 from clipmoe_vlm.losses import load_balancing_loss, router_z_loss
 from clipmoe_vlm.moe import CLIPMoESparseBlock
-from conftest import TINY_TEXT, TINY_VISION
 
 
 def tiny_moe_config(**vision_moe) -> CLIPMoEConfig:

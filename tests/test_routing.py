@@ -1,5 +1,5 @@
 """Routing analysis of a tiny random CLIP-MoE over a tiny Shapes world: the collected router logits are the model's,
-the statistics match hand computations, the plots and summaries are written; scripts/analyze_routing.py."""
+the statistics match hand computations, the plots and summaries are written; `clipmoe analyze-routing`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
+from clipmoe_cli import analyze_routing as routing_command
 from clipmoe_vlm.evaluation import (
     TowerRouting,
     analyze_routing,
@@ -20,10 +21,10 @@ from clipmoe_vlm.evaluation import (
     routing_summary,
     text_token_mask,
 )
+from clipmoe_vlm.loading import tiny_clip_config
 from clipmoe_vlm.losses import expert_load
+from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 from upcycle import sparse_upcycle
-from upcycle.data import clip_image_transform, open_clip_tokenizer
-from upcycle.sources import tiny_clip_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,11 +131,11 @@ def test_analyze_routing_rejects_dense_models_and_non_moe_layers(inputs, tmp_pat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# scripts/analyze_routing.py
+# `clipmoe analyze-routing`
 
 
-def test_analyze_routing_help_documents_every_flag(capsys, load_script):
-    script = load_script("analyze_routing")
+def test_analyze_routing_help_documents_every_flag(capsys):
+    script = routing_command
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0
@@ -151,8 +152,8 @@ def model_dir(tiny_moe, tmp_path_factory) -> Path:
     return folder
 
 
-def test_analyze_routing_main_on_a_jsonl_and_on_a_folder(world, model_dir, tmp_path, capsys, load_script):
-    script = load_script("analyze_routing")
+def test_analyze_routing_main_on_a_jsonl_and_on_a_folder(world, model_dir, tmp_path, capsys):
+    script = routing_command
     out = tmp_path / "jsonl"
     summary = script.main(["--model", str(model_dir), "--images", str(world / "clip_train" / "captions.jsonl"),
                            "--num-images", "4", "--num-maps", "2", "--output", str(out), "--device", "cpu",
@@ -170,8 +171,8 @@ def test_analyze_routing_main_on_a_jsonl_and_on_a_folder(world, model_dir, tmp_p
     assert set(json.loads((out / "routing.json").read_text())["towers"]) == {"vision", "text"}
 
 
-def test_analyze_routing_main_rejects_bad_layers_and_inputs(world, model_dir, tmp_path, load_script):
-    script = load_script("analyze_routing")
+def test_analyze_routing_main_rejects_bad_layers_and_inputs(world, model_dir, tmp_path):
+    script = routing_command
     images = str(world / "clip_train" / "captions.jsonl")
     with pytest.raises(SystemExit, match=r"--layers \[7\]: not MoE layers .* \[0, 1, 2, 3\]"):
         script.main(["--model", str(model_dir), "--images", images, "--layers", "7", "--output", str(tmp_path)])

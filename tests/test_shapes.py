@@ -1,4 +1,4 @@
-"""Tests for the synthetic Shapes world (clipmoe_vlm/data/shapes.py) and its CLI."""
+"""Tests for the synthetic Shapes world (clipmoe_vlm/data/shapes/) and its CLI."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from clipmoe_vlm.data import shapes as S
+from clipmoe_vlm.data.shapes import generate, language, questions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ def test_manifest_cache_skips_work_and_rerun_removes_stale_files(tmp_path, monke
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("cache hit expected: nothing should be regenerated")
 
-    monkeypatch.setattr(S, "write_clip_pairs", boom)
+    monkeypatch.setattr(generate, "write_clip_pairs", boom)
     assert S.generate_world(root, seed=3, **SMALL) == first
     monkeypatch.undo()
 
@@ -176,7 +177,7 @@ def test_generated_captions_name_the_rendered_color(world):
         assert row["image"] == scene["image"]
         for obj in scene["objects"]:
             assert obj["color"] in row["caption"].lower()
-            assert any(w in row["caption"].lower() for w in S._SHAPE_WORDS[obj["shape"]])
+            assert any(w in row["caption"].lower() for w in language._SHAPE_WORDS[obj["shape"]])
         if scene["count"] == 1:
             image = Image.open(root / "clip_train" / row["image"])
             assert _dominant_color(image) == scene["objects"][0]["color"]
@@ -226,14 +227,14 @@ def test_refer_is_unique_and_hides_the_excluded_attribute():
                 phrase = S.refer(scene, index, rng, exclude={excluded})
                 value = obj.attribute(excluded)
                 if excluded == "position":
-                    assert S._position_phrase(value) not in phrase
+                    assert language._position_phrase(value) not in phrase
                 else:
                     assert value not in phrase.split()
                 matching = [
                     o
                     for o in scene.objects
                     if all(
-                        w in (o.color, o.shape, "shape", "object") or w in S._position_phrase(o.position).split()
+                        w in (o.color, o.shape, "shape", "object") or w in language._position_phrase(o.position).split()
                         for w in phrase.split()
                     )
                 ]
@@ -244,7 +245,7 @@ def test_make_qa_answers_match_the_scene():
     for i in range(150):
         rng = S.item_rng(0, "qa", i)
         scene = S.sample_scene(rng)
-        for kind in S._available_kinds(scene, S.QA_KINDS):
+        for kind in questions._available_kinds(scene, S.QA_KINDS):
             qa = S.make_qa(scene, kind, rng)
             assert qa.mc_answer in qa.mc_candidates
             if kind == "count":
@@ -462,7 +463,7 @@ def test_instruct_has_benchmark_style_turns_as_upstream_renders_them(tmp_path):
     S.write_llava_instruct(tmp_path / "b", 60, seed=3, progress=False)
     text = (tmp_path / "a" / "instruct.json").read_bytes()
     assert text == (tmp_path / "b" / "instruct.json").read_bytes()  # deterministic
-    hints = set(S._HINTS.values())
+    hints = set(questions._HINTS.values())
     mm_post = {"pre_prompt": "", "post_prompt": "\n" + S.MC_ANSWER_PROMPT}
     vz_post = {"pre_prompt": "", "post_prompt": S.VIZWIZ_POST_PROMPT}
     counts = Counter()
@@ -527,12 +528,12 @@ def test_mmbench_answer_styles_change_only_the_mmbench_answers_and_upstream_read
 
 def test_unanswerable_questions_cannot_be_answered_from_the_scene():
     config = S.DEFAULT_CONFIG
-    templates = [t.split("{r}")[0] for t in S._UNANSWERABLE_QUESTIONS]
+    templates = [t.split("{r}")[0] for t in questions._UNANSWERABLE_QUESTIONS]
     absent_seen = 0
     for i in range(200):
         rng = S.item_rng(0, "test_unanswerable", i)
         scene = S.sample_scene(rng, config)
-        question = S._unanswerable_question(scene, rng, config)
+        question = questions._unanswerable_question(scene, rng, config)
         if any(question.startswith(t) for t in templates):
             continue
         shape = question.split("the ", 1)[1].split(" ")[0].rstrip("?")
@@ -630,7 +631,8 @@ def test_mmvp_vlm_pairs_differ_in_exactly_the_stated_attribute(world):
             assert {tuple(o[k] for k in keep) for o in scene1["objects"] + scene2["objects"]} == {
                 tuple(scene1["objects"][0][k] for k in keep)
             }
-            assert words1[0] == S._count_word(scene1["count"]) and words2[0] == S._count_word(scene2["count"])
+            assert words1[0] == language._count_word(scene1["count"])
+            assert words2[0] == language._count_word(scene2["count"])
         else:
             (obj1,), (obj2,) = scene1["objects"], scene2["objects"]
             differing = [k for k in obj1 if obj1[k] != obj2[k]]

@@ -130,13 +130,42 @@ def test_gradients_only_reach_the_trainable_set(tiny_dense_clip, pixel_values, i
 
 def test_config_file_and_flags(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("recipe: clip-up\nnum_experts: 8\ntop-k: 1\nbatch_size: 16\n")
+    path.write_text("recipe: clip-up\nnum_experts: 8\ntop-k: 1\noptim:\n  batch_size: 16\n  router_lr: 1e-5\n")
     cfg = load_config(path, {"batch_size": 4})
-    assert (cfg.recipe, cfg.num_experts, cfg.top_k, cfg.batch_size) == ("clip-up", 8, 1, 4)
+    assert (cfg.recipe, cfg.moe.num_experts, cfg.moe.top_k, cfg.optim.batch_size) == ("clip-up", 8, 1, 4)
+    assert cfg.optim.router_lr == 1e-5 and isinstance(cfg.optim.router_lr, float)  # YAML 1.1 reads 1e-5 as text
     path.write_text("recipe: dmu\nnum_expert: 8\n")
     with pytest.raises(ValueError, match=r"run\.yaml: unknown key 'num_expert'"):
+        load_config(path, {})
+    path.write_text("num_experts: [4]\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: num_experts: must be int, got \[4\]"):
+        load_config(path, {})
+    path.write_text("optim:\n  router_lr: fast\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: router_lr: must be float, got 'fast'"):
+        load_config(path, {})
+    path.write_text("recipe: moe\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: recipe: must be one of dmu, clip-up, dense"):
         load_config(path, {})
     with pytest.raises(ValueError, match="top_k"):
         load_config(None, {"top_k": 5})
     with pytest.raises(ValueError, match="stages"):
         load_config(None, {"stages": 2, "num_experts": 4})
+
+
+def test_shipped_upcycling_presets_parse():
+    from upcycle.cli import PRESET_SHAPES
+
+    cfg = load_config(PRESET_SHAPES, {})
+    assert (cfg.mcl.clusters, cfg.mcl.mcl_leftover, cfg.optim.mcl_lr, cfg.optim.temperature) == (2, "mixed", 5e-4, None)
+
+
+def test_flags_reach_their_section_and_help_documents_every_setting(capsys):
+    from upcycle.cli import build_parser, parse_config
+
+    cfg = parse_config(["--data", "x.jsonl", "--num-experts", "8", "--top-k", "1", "--router-lr", "3e-4",
+                        "--temperature", "none", "--no-norm-topk-prob"])
+    assert (cfg.data, cfg.moe.num_experts, cfg.optim.router_lr, cfg.optim.temperature) == (["x.jsonl"], 8, 3e-4, None)
+    assert cfg.moe.norm_topk_prob is False and cfg.optim.mcl_lr == 1e-5  # no preset with --data
+    text = build_parser().format_help()
+    for flag in ("--lb-coef-image", "--mcl-leftover", "--shapes-scale", "--stop-after-steps", "--global-entropy-coef"):
+        assert flag in text

@@ -59,8 +59,8 @@ def test_dmu_run_produces_distinct_experts_and_reloads(pairs, tmp_path):
             for b in range(a + 1, 4):
                 assert not torch.allclose(experts[a], experts[b]), (a, b)
     # expert 0 is the base FFN (tiny-random base, seed 0)
-    from upcycle.sources import load_base
-    base = load_base("tiny-random", seed=0)
+    from clipmoe_vlm.loading import load_clip
+    base = load_clip("tiny-random", seed=0)
     assert torch.equal(model.vision_model.encoder.layers[1].mlp.experts.fc1_weight[0],
                        base.vision_model.encoder.layers[1].mlp.fc1.weight)
     summary = json.loads((out / "summary.json").read_text())

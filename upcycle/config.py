@@ -1,139 +1,165 @@
-"""The upcycling run's typed configuration: defaults <- YAML file <- command-line flags.
+"""The upcycling run's typed configuration (`clipmoe_vlm.run_config`: defaults <- YAML file <- flags).
 
-One dataclass holds every setting; `load_config` merges a YAML file (unknown keys fail, naming the file and key)
-and the flags the user gave. Defaults follow CLIP-MoE's official code: MCL stages at lr 1e-5 / wd 0.2, routers
-at lr 1e-6 / wd 0.01, 200 warm-up steps then cosine, label smoothing 0.1, fixed temperature 0.01, top-2 of 4
-experts in every layer of both towers, expert dropout 0.1, load balancing 0.01 (image) and 0.005 (text).
+Defaults follow CLIP-MoE's official code: MCL stages at lr 1e-5 / wd 0.2, routers at lr 1e-6 / wd 0.01, 200
+warm-up steps then cosine, label smoothing 0.1, fixed temperature 0.01, top-2 of 4 experts in every layer of
+both towers, expert dropout 0.1, load balancing 0.01 (image) and 0.005 (text).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import yaml
+from clipmoe_vlm.loading import BASE_SPECS
+from clipmoe_vlm.run_config import ConfigError, as_dict, load, setting
 
-__all__ = ["RECIPES", "UpcycleConfig", "load_config"]
+from .trainable import TRAINABLE_SETS
+
+__all__ = ["RECIPES", "TRAINABLE_SETS", "UpcycleConfig", "load_config"]
 
 RECIPES = ("dmu", "clip-up", "dense")
+Recipe = Literal[RECIPES]
+TrainableSet = Literal[TRAINABLE_SETS]
+
+
+@dataclass
+class MoEShape:
+    num_experts: int = setting(4, "experts per MoE layer")
+    top_k: int = setting(2, "experts per token")
+    moe_layers: str = setting("all", "MoE layers in both towers: all, every-2, last-N or 0,2,4")
+    expert_dropout: float = setting(0.1, "dropout inside experts")
+    router_jitter_noise: float = setting(0.0, "std of router logit noise in training")
+    capacity_factor: float | None = setting(None, "expert capacity factor with token dropping")
+    batch_priority_routing: bool = setting(False, "fill expert capacity by top-1 gate value")
+    norm_topk_prob: bool = setting(True, "renormalise the top-k gates (CLIP-MoE, Mixtral); off: raw gates")
+
+
+@dataclass
+class MCLSettings:
+    stages: int | None = setting(None, "MCL stages; must be num-experts - 1 (the default)")
+    clusters: int = setting(3, "k-means clusters per modality per stage")
+    mcl_leftover: Literal["drop", "mixed"] = setting(
+        "drop", "samples that do not fill a global batch of their cluster: drop (official, counted and "
+                "reported) or pool into mixed batches")
+
+
+@dataclass
+class Optimisation:
+    epochs: int = setting(1, "epochs per stage")
+    batch_size: int = setting(32, "batch size per process; the global batch is this times the processes")
+    mcl_lr: float = setting(1e-5, "learning rate of MCL stages")
+    mcl_weight_decay: float = setting(0.2, "weight decay of MCL stages")
+    router_lr: float = setting(1e-6, "learning rate of router tuning")
+    router_weight_decay: float = setting(0.01, "weight decay of router tuning")
+    clipup_lr: float = setting(1e-5, "learning rate of clip-up")
+    clipup_weight_decay: float = setting(0.1, "weight decay of clip-up")
+    clipup_trainable: TrainableSet = setting("experts+router", "clip-up parameters")
+    dense_lr: float = setting(1e-5, "learning rate of the dense baseline")
+    dense_weight_decay: float = setting(0.2, "weight decay of the dense baseline")
+    dense_trainable: TrainableSet = setting("ffn", "dense-baseline parameters")
+    warmup_steps: int = setting(200, "linear warm-up steps before cosine decay")
+    label_smoothing: float = setting(0.1, "contrastive label smoothing")
+    temperature: float | None = setting(0.01, "fixed softmax temperature; none: the base's own learned one, "
+                                              "kept frozen (the Shapes preset)")
+    learn_temperature: bool = setting(False, "train the model's logit scale instead")
+
+
+@dataclass
+class AuxLosses:
+    lb_coef_image: float = setting(0.01, "image-tower load-balancing weight")
+    lb_coef_text: float = setting(0.005, "text-tower load-balancing weight")
+    z_loss_coef: float = setting(0.0, "router z-loss weight (CLIP-UP)")
+    local_entropy_coef: float = setting(0.0, "LIMoE local entropy weight")
+    global_entropy_coef: float = setting(0.0, "LIMoE global entropy weight")
+    global_entropy_min_experts: float | None = setting(None, "LIMoE soft minimum S of the global entropy "
+                                                             "(threshold log S)")
+
+
+@dataclass
+class Inputs:
+    context_length: int | None = setting(None, "text tokens (default: the base's max positions)")
+    val_fraction: float = setting(0.05, "pairs held out for the final retrieval check")
+    max_samples: int | None = setting(None, "use only the first N pairs (default: all)")
+    num_workers: int = setting(2, "data loader workers per process")
+
+
+@dataclass
+class ShapesDefault:
+    compare: bool | None = setting(None, "also run the dense and clip-up baselines and print one comparison "
+                                         "table (default: on when --data is not given)")
+    base_epochs: int = setting(8, "epochs of the tiny Shapes base trained from scratch")
+    base_lr: float = setting(2e-3, "learning rate of the tiny Shapes base")
+    shapes_scale: float = setting(1.0, "size of the generated Shapes world relative to the default "
+                                       "(4,000 training pairs)")
+
+
+@dataclass
+class RunSettings:
+    bf16: bool = setting(False, "bf16 autocast (CPU with AVX-512 BF16, or GPU)")
+    seed: int = setting(0, "seed for data order, clustering, router init")
+    resume: bool = setting(False, "continue a run in --output from its last checkpoint")
+    save_every: int = setting(50, "checkpoint every N steps within a stage")
+    tensorboard: bool = setting(False, "also log to TensorBoard through accelerate")
+    stop_after_steps: int | None = setting(None, "stop as if killed after N optimizer steps in total "
+                                                 "(to test --resume)")
 
 
 @dataclass
 class UpcycleConfig:
-    # what
-    base: str = "shapes-tiny"
-    data: list[str] = field(default_factory=list)  # empty: the built-in Shapes world
-    recipe: str = "dmu"
-    output: str = "runs/clip-moe"
-    # MoE shape
-    num_experts: int = 4
-    top_k: int = 2
-    moe_layers: str = "all"
-    expert_dropout: float = 0.1
-    router_jitter_noise: float = 0.0
-    capacity_factor: float | None = None
-    batch_priority_routing: bool = False
-    norm_topk_prob: bool = True
-    # MCL (dmu)
-    stages: int | None = None  # MCL stages; default num_experts - 1
-    clusters: int = 3  # k-means clusters per modality per stage
-    mcl_leftover: str = "drop"
-    # optimisation
-    epochs: int = 1
-    batch_size: int = 32  # per process
-    mcl_lr: float = 1e-5
-    mcl_weight_decay: float = 0.2
-    router_lr: float = 1e-6
-    router_weight_decay: float = 0.01
-    clipup_lr: float = 1e-5
-    clipup_weight_decay: float = 0.1
-    clipup_trainable: str = "experts+router"
-    dense_lr: float = 1e-5
-    dense_weight_decay: float = 0.2
-    dense_trainable: str = "ffn"
-    warmup_steps: int = 200
-    label_smoothing: float = 0.1
-    temperature: float | None = 0.01  # None: the base model's own learned temperature, kept frozen
-    learn_temperature: bool = False
-    # auxiliary losses
-    lb_coef_image: float = 0.01
-    lb_coef_text: float = 0.005
-    z_loss_coef: float = 0.0
-    local_entropy_coef: float = 0.0
-    global_entropy_coef: float = 0.0
-    global_entropy_min_experts: float | None = None
-    # data
-    context_length: int | None = None
-    val_fraction: float = 0.05
-    max_samples: int | None = None
-    num_workers: int = 2
-    # the embedded default (Shapes world)
-    compare: bool | None = None  # also run the baselines and print the comparison table (default: with Shapes data)
-    base_epochs: int = 8  # epochs of the tiny dense base trained from scratch on the Shapes world
-    base_lr: float = 2e-3
-    shapes_scale: float = 1.0  # size of the generated world relative to the default (4,000 training pairs)
-    # run
-    bf16: bool = False
-    seed: int = 0
-    resume: bool = False
-    save_every: int = 50
-    tensorboard: bool = False
-    stop_after_steps: int | None = None
+    """Every setting of an upcycling run, by concern."""
+
+    base: str = setting("shapes-tiny", "dense CLIP to start from: shapes-tiny (a tiny CLIP trained from scratch "
+                                       "on the Shapes world, cached); " + "; ".join(BASE_SPECS))
+    data: list[str] = setting([], "image-text sources: JSONL/CSV (image, caption), LLaVA/ShareGPT4V JSON "
+                                  "(FILE.json::IMAGE_ROOT), img2dataset folders, WebDataset .tar shards, "
+                                  "datasets folders (default: the built-in Shapes world)")
+    recipe: Recipe = setting("dmu", "dmu = CLIP-MoE (MCL experts + router tuning), clip-up = sparse "
+                                    "upcycling, dense = dense fine-tuning baseline")
+    output: str = setting("runs/clip-moe", "output folder")
+    moe: MoEShape = setting(MoEShape(), "MoE shape")
+    mcl: MCLSettings = setting(MCLSettings(), "MCL (recipe dmu)")
+    optim: Optimisation = setting(Optimisation(), "optimisation")
+    losses: AuxLosses = setting(AuxLosses(), "auxiliary losses (added by the model from its config)")
+    inputs: Inputs = setting(Inputs(), "data loading")
+    shapes: ShapesDefault = setting(ShapesDefault(), "the embedded default (Shapes world)")
+    run: RunSettings = setting(RunSettings(), "run")
 
     def validate(self, where: str = "config") -> None:
         def bad(key, message):
-            raise ValueError(f"{where}: {key} {message}")
+            raise ConfigError(f"{where}: {key} {message}")
 
-        if self.recipe not in RECIPES:
-            bad("recipe", f"must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
-        if self.num_experts < 1:
-            bad("num_experts", f"must be >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            bad("top_k", f"({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
-        if self.recipe == "dmu" and self.mcl_stages() != self.num_experts - 1:
-            bad("stages", f"({self.mcl_stages()}) must equal num_experts - 1 ({self.num_experts - 1}) for dmu: "
+        moe, optim = self.moe, self.optim
+        if moe.num_experts < 1:
+            bad("num_experts", f"must be >= 1, got {moe.num_experts}")
+        if not 1 <= moe.top_k <= moe.num_experts:
+            bad("top_k", f"({moe.top_k}) must be between 1 and num_experts ({moe.num_experts})")
+        if self.recipe == "dmu" and self.mcl_stages() != moe.num_experts - 1:
+            bad("stages", f"({self.mcl_stages()}) must equal num_experts - 1 ({moe.num_experts - 1}) for dmu: "
                           "the experts are the base FFN plus one per MCL stage")
-        if self.clusters < 1:
-            bad("clusters", f"must be >= 1, got {self.clusters}")
-        if self.mcl_leftover not in ("drop", "mixed"):
-            bad("mcl_leftover", f"must be drop or mixed, got {self.mcl_leftover!r}")
-        for key in ("epochs", "batch_size", "save_every"):
-            if getattr(self, key) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.val_fraction < 1:
-            bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.temperature is not None and self.temperature <= 0:
-            bad("temperature", f"must be > 0, got {self.temperature}")
+        if self.mcl.clusters < 1:
+            bad("clusters", f"must be >= 1, got {self.mcl.clusters}")
+        for key, value in (("epochs", optim.epochs), ("batch_size", optim.batch_size),
+                           ("save_every", self.run.save_every)):
+            if value < 1:
+                bad(key, f"must be >= 1, got {value}")
+        for key in ("mcl_lr", "router_lr", "clipup_lr", "dense_lr"):
+            if getattr(optim, key) <= 0:
+                bad(key, f"must be > 0, got {getattr(optim, key)}")
+        if not 0 <= self.inputs.val_fraction < 1:
+            bad("val_fraction", f"must be in [0, 1), got {self.inputs.val_fraction}")
+        if optim.temperature is not None and optim.temperature <= 0:
+            bad("temperature", f"must be > 0, got {optim.temperature}")
 
     def mcl_stages(self) -> int:
-        return self.num_experts - 1 if self.stages is None else self.stages
+        return self.moe.num_experts - 1 if self.mcl.stages is None else self.mcl.stages
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return as_dict(self)
 
 
-def load_config(path: str | Path | None, overrides: dict) -> UpcycleConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (the flags given)."""
-    values: dict = {}
-    known = {f.name for f in dataclasses.fields(UpcycleConfig)}
-    where = "command line"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings at the top level")
-        for key, value in loaded.items():
-            key_norm = key.replace("-", "_")
-            if key_norm not in known:
-                raise ValueError(f"{path}: unknown key '{key}' (valid keys: {', '.join(sorted(known))})")
-            values[key_norm] = value
-        where = str(path)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("data"), str):
-        values["data"] = [values["data"]]
-    config = UpcycleConfig(**values)
-    config.validate(where if path is not None and not overrides else "config")
+def load_config(path: str | Path | None, flags: dict) -> UpcycleConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``flags`` (leaf name -> value); checked."""
+    config = load(UpcycleConfig, path, flags)
+    config.validate(str(path) if path is not None and not any(v is not None for v in flags.values()) else "config")
     return config

@@ -13,14 +13,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from clipmoe_vlm.defaults import base_dir, ensure_world
+from clipmoe_vlm.loading import tiny_clip_config
 
 from .config import UpcycleConfig
-from .engine import Engine, StageSpec
-from .sources import tiny_clip_config
+from .recipes import make_engine, run_upcycling, stage, validation_split
 
 __all__ = ["pretrain_shapes_base", "resolve_defaults", "run_comparison"]
 
@@ -30,13 +29,14 @@ def resolve_defaults(cfg: UpcycleConfig, accelerator) -> UpcycleConfig:
     changes = {}
     world = None
     if not cfg.data:
+        seed, scale = cfg.run.seed, cfg.shapes.shapes_scale
         if accelerator.is_main_process:
-            world = ensure_world(cfg.seed, cfg.shapes_scale)
+            world = ensure_world(seed, scale)
         accelerator.wait_for_everyone()
-        world = ensure_world(cfg.seed, cfg.shapes_scale) if world is None else world
+        world = ensure_world(seed, scale) if world is None else world
         changes["data"] = [str(world / "clip_train" / "captions.jsonl")]
-        if cfg.compare is None:
-            changes["compare"] = True
+        if cfg.shapes.compare is None:
+            changes["shapes"] = dataclasses.replace(cfg.shapes, compare=True)
     if cfg.base == "shapes-tiny":
         data = changes.get("data", cfg.data)
         changes["base"] = str(pretrain_shapes_base(dataclasses.replace(cfg, data=data), accelerator))
@@ -47,31 +47,32 @@ def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
     """Trains (once) a tiny dense CLIP from scratch on ``cfg.data``: all weights and the temperature learn."""
     from transformers import CLIPModel
 
-    from .data import ImageTextDataset, clip_image_transform, open_clip_tokenizer
+    from clipmoe_vlm.data.image_text import ImageTextDataset
+    from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 
-    out = base_dir(cfg.seed) if cfg.shapes_scale == 1.0 else Path(f"{base_dir(cfg.seed)}-x{cfg.shapes_scale:g}")
+    seed, shapes = cfg.run.seed, cfg.shapes
+    out = base_dir(seed) if shapes.shapes_scale == 1.0 else Path(f"{base_dir(seed)}-x{shapes.shapes_scale:g}")
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         accelerator.print(f"tiny dense base: cached at {out}")
         return out
-    accelerator.print(f"tiny dense base: training from scratch on the Shapes world ({cfg.base_epochs} epochs) -> {out}")
-    torch.manual_seed(cfg.seed)
+    accelerator.print(f"tiny dense base: training from scratch on the Shapes world ({shapes.base_epochs} epochs) "
+                      f"-> {out}")
+    torch.manual_seed(seed)
     config = tiny_clip_config()
     model = CLIPModel(config)
     dataset = ImageTextDataset(cfg.data, clip_image_transform(config.vision_config.image_size),
                                open_clip_tokenizer(config.text_config.max_position_embeddings))
-    labels = np.zeros(len(dataset), dtype=np.int64)
-    labels[np.random.default_rng(cfg.seed).permutation(len(dataset))[: int(round(len(dataset) * cfg.val_fraction))]] \
-        = -1  # the same held-out pairs the recipes use
-    engine = Engine(dataclasses.replace(cfg, batch_size=64), accelerator, dataset, out / "work", lambda record: None)
-    model, summary = engine.train_stage(model, StageSpec(
-        "scratch", "all", cfg.base_lr, 0.1, labels, epochs=cfg.base_epochs, learn_temperature=True,
-        label_smoothing=0.0, warmup_steps=50))
+    labels = validation_split(len(dataset), cfg.inputs.val_fraction, seed)  # the pairs the recipes hold out
+    engine = make_engine(cfg, accelerator, dataset, out / "work", lambda record: None)
+    model, summary = engine.train_stage(model, stage(
+        cfg, "scratch", "all", shapes.base_lr, 0.1, labels, epochs=shapes.base_epochs, batch_size=64,
+        learn_temperature=True, label_smoothing=0.0, warmup_steps=50, temperature=None))
     if accelerator.is_main_process:
         model.save_pretrained(out)
         (out / "README.md").write_text(
             "# Tiny dense CLIP trained from scratch on the Shapes world\n\n"
             f"Stands in for a pretrained base in the embedded default run. {summary['steps']} steps, batch 64, "
-            f"lr {cfg.base_lr}, learned temperature; final loss {summary['final'].get('loss', float('nan')):.4f}.\n")
+            f"lr {shapes.base_lr}, learned temperature; final loss {summary['final'].get('loss', float('nan')):.4f}.\n")
     accelerator.wait_for_everyone()
     return out
 
@@ -80,8 +81,7 @@ def _evaluate(path: Path, world: Path, batch_size: int) -> dict:
     from transformers import AutoModel
 
     from clipmoe_vlm.evaluation.encoder import evaluate_shapes_encoder
-
-    from .data import clip_image_transform, open_clip_tokenizer
+    from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 
     model = AutoModel.from_pretrained(path).eval()
     transform = clip_image_transform(model.config.vision_config.image_size)
@@ -97,16 +97,14 @@ def _HEADLINE(key: str) -> bool:
 
 def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
     """dmu into ``cfg.output``, dense and clip-up beside it, then one evaluation table."""
-    from .recipes import run_upcycling
-
     out = Path(cfg.output)
     steps_epochs = cfg.mcl_stages() + 1  # dmu: one epoch per MCL stage plus one of router tuning
     runs = {"dmu": out}
     run_upcycling(dataclasses.replace(cfg, recipe="dmu"), accelerator, argv)
     for recipe in ("dense", "clip-up"):
         target = out.parent / f"{out.name}-{recipe}"
-        run_upcycling(dataclasses.replace(cfg, recipe=recipe, output=str(target), epochs=cfg.epochs * steps_epochs),
-                      accelerator, argv)
+        optim = dataclasses.replace(cfg.optim, epochs=cfg.optim.epochs * steps_epochs)
+        run_upcycling(dataclasses.replace(cfg, recipe=recipe, output=str(target), optim=optim), accelerator, argv)
         runs[recipe] = target
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from clipmoe_vlm.losses import expert_load, global_entropy_loss, load_balancing_loss, local_entropy_loss, router_z_loss
+from clipmoe_vlm.losses import expert_load
 
 from .contrastive import clip_contrastive_loss, gather_with_grad
 from .mcl import ClusterBatchSampler
@@ -38,25 +38,21 @@ class StopRequested(RuntimeError):
 
 @dataclass
 class StageSpec:
+    """Everything one stage trains with, given explicitly by its recipe."""
+
     name: str
-    trainable: str
+    trainable: str  # a set of `upcycle.trainable`
     lr: float
     weight_decay: float
     labels: np.ndarray  # (N,) batch-cluster id per sample, -1 = not trained on (validation, unreadable)
-    moe_losses: bool = False
-    # per-stage overrides of the run config (None: use the run's value)
-    epochs: int | None = None
-    learn_temperature: bool | None = None
-    label_smoothing: float | None = None
-    warmup_steps: int | None = None
-
-    def resolved(self, cfg) -> dict:
-        return {key: getattr(cfg, key) if getattr(self, key) is None else getattr(self, key)
-                for key in ("epochs", "learn_temperature", "label_smoothing", "warmup_steps")}
-
-
-def _is_moe(model) -> bool:
-    return hasattr(model.config, "vision_config") and hasattr(model.config.vision_config, "num_experts")
+    epochs: int
+    batch_size: int  # per process
+    warmup_steps: int
+    label_smoothing: float
+    temperature: float | None  # fixed softmax temperature; None: the model's own logit scale (frozen)
+    learn_temperature: bool = False  # train the logit scale (uses the model's scale)
+    leftover: str = "drop"  # samples that do not fill a batch of their cluster: drop, or pool ("mixed")
+    router_losses: bool = False  # add the model's ``aux_loss`` (its config's router-loss coefficients)
 
 
 def _rng_state() -> dict:
@@ -70,11 +66,18 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Engine:
-    """Runs stages for one upcycling run. ``cfg`` is an `UpcycleConfig`; ``log`` writes a metrics line."""
+    """Runs the stages of one run on ``dataset``; stage folders go under ``work_dir``, ``log`` writes a metrics
+    line. ``resume`` continues a stage from its last checkpoint (every ``save_every`` steps)."""
 
-    def __init__(self, cfg, accelerator, dataset, work_dir: Path, log: Callable[[dict], None]):
-        self.cfg = cfg
+    def __init__(self, accelerator, dataset, work_dir: Path, log: Callable[[dict], None], *, seed: int = 0,
+                 num_workers: int = 0, resume: bool = False, save_every: int = 50,
+                 stop_after_steps: int | None = None):
         self.acc = accelerator
+        self.seed = seed
+        self.num_workers = num_workers
+        self.resume = resume
+        self.save_every = save_every
+        self.stop_after_steps = stop_after_steps
         self.dataset = dataset
         self.work_dir = work_dir
         self.log = log
@@ -84,9 +87,9 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- data
     def loader(self, sampler) -> DataLoader:
-        from .data import collate_image_text
+        from clipmoe_vlm.data.image_text import collate_image_text
 
-        workers = self.cfg.num_workers
+        workers = self.num_workers
         # A private generator: creating a loader must not draw from the global RNG, or a resumed run would
         # see different dropout masks than an uninterrupted one.
         return DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_image_text, num_workers=workers,
@@ -99,7 +102,7 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- training
     def train_stage(self, model, spec: StageSpec):
-        cfg, acc = self.cfg, self.acc
+        acc = self.acc
         stage_dir = self.work_dir / spec.name
         done = stage_dir / "done.json"
         if done.is_file():
@@ -107,27 +110,25 @@ class Engine:
             acc.print(f"[{spec.name}] already finished, loaded from {stage_dir}")
             return model, json.loads(done.read_text())
 
-        opts = spec.resolved(cfg)
-        self._opts = opts
-        trainable = set_trainable(model, spec.trainable, opts["learn_temperature"])
+        trainable = set_trainable(model, spec.trainable, spec.learn_temperature)
         params = dict(model.named_parameters())
         decay = [params[n] for n in trainable if not n.endswith("bias") and params[n].dim() > 1]
         no_decay = [params[n] for n in trainable if n.endswith("bias") or params[n].dim() <= 1]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
-        sampler = ClusterBatchSampler(spec.labels, cfg.batch_size, acc.num_processes, acc.process_index, cfg.seed,
-                                      cfg.mcl_leftover if spec.name.startswith("mcl") else "drop")
+        sampler = ClusterBatchSampler(spec.labels, spec.batch_size, acc.num_processes, acc.process_index, self.seed,
+                                      spec.leftover)
         steps_per_epoch = len(sampler)
         if steps_per_epoch == 0:
-            raise ValueError(f"[{spec.name}] no full global batch of {cfg.batch_size * acc.num_processes} samples "
+            raise ValueError(f"[{spec.name}] no full global batch of {spec.batch_size * acc.num_processes} samples "
                              f"in any cluster: lower --batch-size or use more data ({sampler.stats.summary('drop')})")
-        total_steps = steps_per_epoch * opts["epochs"]
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(opts["warmup_steps"], total_steps // 2),
+        total_steps = steps_per_epoch * spec.epochs
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(spec.warmup_steps, total_steps // 2),
                                                     total_steps)
 
         start_step = 0
         ckpt = stage_dir / "checkpoint"
-        if cfg.resume and (ckpt / "state.pt").is_file():
+        if self.resume and (ckpt / "state.pt").is_file():
             model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
             optimizer.load_state_dict(state["optimizer"])
@@ -138,7 +139,6 @@ class Engine:
 
         ddp_model, optimizer = acc.prepare(model, optimizer)
         ddp_model.train()
-        is_moe = _is_moe(model)
         acc.print(f"[{spec.name}] {len(trainable)} trainable tensors "
                   f"({sum(params[n].numel() for n in trainable):,} weights), {total_steps} steps; "
                   f"batches: {sampler.stats.summary(sampler.leftover)}")
@@ -146,7 +146,7 @@ class Engine:
                    dynamic_ncols=True)
         step = start_step
         last = {}
-        for epoch in range(start_step // steps_per_epoch, opts["epochs"]):
+        for epoch in range(start_step // steps_per_epoch, spec.epochs):
             sampler.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
             for batch in self.loader(sampler):
                 t0 = time.perf_counter()
@@ -160,7 +160,7 @@ class Engine:
                     scheduler.step()
                     bar.update(1)
                     continue
-                losses = self._step(ddp_model, batch, is_moe and spec.moe_losses)
+                losses = self._step(ddp_model, batch, spec)
                 acc.backward(losses["loss"])
                 optimizer.step()
                 scheduler.step()
@@ -174,9 +174,9 @@ class Engine:
                 bar.update(1)
                 self.log({"stage": spec.name, "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": rate, **last})
-                if step % cfg.save_every == 0 and step < total_steps:
+                if step % self.save_every == 0 and step < total_steps:
                     self._checkpoint(model, optimizer, scheduler, step, ckpt)
-                if cfg.stop_after_steps is not None and self.total_steps_done >= cfg.stop_after_steps:
+                if self.stop_after_steps is not None and self.total_steps_done >= self.stop_after_steps:
                     self._checkpoint(model, optimizer, scheduler, step, ckpt)
                     bar.close()
                     raise StopRequested(f"stopped after {self.total_steps_done} steps (--stop-after-steps)")
@@ -193,43 +193,24 @@ class Engine:
         acc.wait_for_everyone()
         return model, summary
 
-    def _step(self, model, batch, moe_losses: bool) -> dict:
-        cfg, acc = self.cfg, self.acc
+    def _step(self, model, batch, spec: StageSpec) -> dict:
+        acc = self.acc
         pixel_values = batch["pixel_values"].to(acc.device)
         input_ids = batch["input_ids"].to(acc.device)
-        kwargs = {"output_router_logits": True} if moe_losses else {}
+        kwargs = {"output_router_logits": True} if spec.router_losses else {}
         with acc.autocast():
             out = model(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         core = acc.unwrap_model(model)
         # learned, the model's own (frozen) scale when no temperature is given, or the fixed 1/temperature
-        use_model_scale = self._opts["learn_temperature"] or cfg.temperature is None
-        scale = core.logit_scale.exp() if use_model_scale else 1.0 / cfg.temperature
-        clip = clip_contrastive_loss(out.image_embeds, out.text_embeds, scale, self._opts["label_smoothing"],
+        use_model_scale = spec.learn_temperature or spec.temperature is None
+        scale = core.logit_scale.exp() if use_model_scale else 1.0 / spec.temperature
+        clip = clip_contrastive_loss(out.image_embeds, out.text_embeds, scale, spec.label_smoothing,
                                      gather=gather_with_grad, normalize=True)
-        losses = {"clip_loss": clip}
-        total = clip
-        if moe_losses:
-            vc, tc = core.config.vision_config, core.config.text_config
-            img, txt = out.image_router_logits, out.text_router_logits
-            terms = {}
-            if img:
-                terms["lb_image"] = cfg.lb_coef_image * load_balancing_loss(img, vc.top_k)
-            if txt:
-                terms["lb_text"] = cfg.lb_coef_text * load_balancing_loss(txt, tc.top_k)
-            for name, logits in (("image", img), ("text", txt)):
-                if not logits:
-                    continue
-                if cfg.z_loss_coef:
-                    terms[f"z_{name}"] = cfg.z_loss_coef * router_z_loss(logits)
-                if cfg.local_entropy_coef:
-                    terms[f"local_entropy_{name}"] = cfg.local_entropy_coef * local_entropy_loss(logits)
-                if cfg.global_entropy_coef:
-                    terms[f"global_entropy_{name}"] = cfg.global_entropy_coef * global_entropy_loss(
-                        logits, cfg.global_entropy_min_experts)
-            for key, value in terms.items():
-                losses[key] = value
-                total = total + value
-        losses["loss"] = total
+        losses = {"clip_loss": clip, "loss": clip}
+        aux = getattr(out, "aux_loss", None) if spec.router_losses else None
+        if aux is not None:  # the model weighs its router losses by its config's coefficients
+            losses["aux_loss"] = aux
+            losses["loss"] = clip + aux
         return losses
 
     def _checkpoint(self, model, optimizer, scheduler, step: int, ckpt: Path) -> None:
@@ -270,7 +251,7 @@ def embed_pairs(model, dataset, indices, batch_size: int, accelerator, num_worke
     Returns ``(image (N, D), text (N, D), valid (N,) bool, router)`` in the order of ``indices``; rows of images
     that failed to load are zero and ``valid`` False. ``router`` is the (L, E) expert load per tower when asked.
     """
-    from .data import collate_image_text
+    from clipmoe_vlm.data.image_text import collate_image_text
 
     indices = list(indices)
     rank, world = accelerator.process_index, accelerator.num_processes

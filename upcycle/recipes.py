@@ -27,33 +27,56 @@ import torch
 import yaml
 
 from clipmoe_vlm import CLIPMoEModel
+from clipmoe_vlm.convert import load_state_dict_checked, sparse_upcycle, upcycle_state_dict
+from clipmoe_vlm.loading import load_clip
 
 from .config import UpcycleConfig
-from .convert import load_state_dict_checked, sparse_upcycle, upcycle_state_dict
 from .engine import Engine, StageSpec, embed_pairs, retrieval_metrics
 from .mcl import accumulate_labels, kmeans_labels
-from .sources import load_base
 
-__all__ = ["run_upcycling"]
+__all__ = ["make_engine", "run_upcycling", "stage", "validation_split"]
 
 _MLP = re.compile(r"\.mlp\.fc[12]\.(weight|bias)$")
 
 
 def _moe_options(cfg: UpcycleConfig) -> dict:
-    return dict(expert_dropout=cfg.expert_dropout, router_jitter_noise=cfg.router_jitter_noise,
-                capacity_factor=cfg.capacity_factor, batch_priority_routing=cfg.batch_priority_routing,
-                norm_topk_prob=cfg.norm_topk_prob, router_z_loss_coef=cfg.z_loss_coef,
-                vision_options={"router_aux_loss_coef": cfg.lb_coef_image},
-                text_options={"router_aux_loss_coef": cfg.lb_coef_text})
+    """The MoE config fields of the run: routing, and the router-loss coefficients the model applies itself."""
+    moe, losses = cfg.moe, cfg.losses
+    return dict(expert_dropout=moe.expert_dropout, router_jitter_noise=moe.router_jitter_noise,
+                capacity_factor=moe.capacity_factor, batch_priority_routing=moe.batch_priority_routing,
+                norm_topk_prob=moe.norm_topk_prob, router_z_loss_coef=losses.z_loss_coef,
+                router_local_entropy_coef=losses.local_entropy_coef,
+                router_global_entropy_coef=losses.global_entropy_coef,
+                router_global_entropy_min_experts=losses.global_entropy_min_experts,
+                vision_options={"router_aux_loss_coef": losses.lb_coef_image},
+                text_options={"router_aux_loss_coef": losses.lb_coef_text})
 
 
-def _split(n: int, cfg: UpcycleConfig) -> np.ndarray:
-    """(n,) batch labels: 0 for training pairs, -1 for the held-out validation pairs."""
+def stage(cfg: UpcycleConfig, name: str, trainable: str, lr: float, weight_decay: float, labels: np.ndarray,
+          **overrides) -> StageSpec:
+    """A stage with the run's optimisation settings; ``overrides`` are explicit per-stage values."""
+    optim = cfg.optim
+    values = dict(epochs=optim.epochs, batch_size=optim.batch_size, warmup_steps=optim.warmup_steps,
+                  label_smoothing=optim.label_smoothing, temperature=optim.temperature,
+                  learn_temperature=optim.learn_temperature)
+    values.update(overrides)
+    return StageSpec(name, trainable, lr, weight_decay, labels, **values)
+
+
+def validation_split(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """(n,) batch labels: 0 for training pairs, -1 for the held-out validation pairs (the same for every run
+    with this seed, the embedded base's included)."""
     labels = np.zeros(n, dtype=np.int64)
-    n_val = int(round(n * cfg.val_fraction))
+    n_val = int(round(n * val_fraction))
     if n_val:
-        labels[np.random.default_rng(cfg.seed).permutation(n)[:n_val]] = -1
+        labels[np.random.default_rng(seed).permutation(n)[:n_val]] = -1
     return labels
+
+
+def make_engine(cfg: UpcycleConfig, accelerator, dataset, work_dir: Path, log) -> Engine:
+    run = cfg.run
+    return Engine(accelerator, dataset, work_dir, log, seed=run.seed, num_workers=cfg.inputs.num_workers,
+                  resume=run.resume, save_every=run.save_every, stop_after_steps=run.stop_after_steps)
 
 
 def _cluster(engine: Engine, model, train_idx: np.ndarray, previous, cfg: UpcycleConfig, stage: int, path: Path):
@@ -61,15 +84,16 @@ def _cluster(engine: Engine, model, train_idx: np.ndarray, previous, cfg: Upcycl
     acc = engine.acc
     if path.is_file():
         return np.load(path)
-    image, text, valid, _ = embed_pairs(model, engine.dataset, train_idx.tolist(), cfg.batch_size, acc,
-                                        cfg.num_workers, desc=f"embed for stage {stage}")
+    image, text, valid, _ = embed_pairs(model, engine.dataset, train_idx.tolist(), cfg.optim.batch_size, acc,
+                                        cfg.inputs.num_workers, desc=f"embed for stage {stage}")
     ok = valid.numpy()
     labels = np.full(len(engine.dataset), -1, dtype=np.int64)
     if acc.is_main_process:
-        ci = kmeans_labels(image.numpy()[ok], cfg.clusters, cfg.seed + stage)
-        ct = kmeans_labels(text.numpy()[ok], cfg.clusters, cfg.seed + 1000 + stage)
+        k, seed = cfg.mcl.clusters, cfg.run.seed
+        ci = kmeans_labels(image.numpy()[ok], k, seed + stage)
+        ct = kmeans_labels(text.numpy()[ok], k, seed + 1000 + stage)
         prev = None if previous is None else previous[train_idx][ok]
-        labels[train_idx[ok]] = accumulate_labels(prev, ci, ct, cfg.clusters, cfg.clusters)
+        labels[train_idx[ok]] = accumulate_labels(prev, ci, ct, k, k)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, labels)
     acc.wait_for_everyone()
@@ -82,7 +106,8 @@ def _cluster(engine: Engine, model, train_idx: np.ndarray, previous, cfg: Upcycl
 
 def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None) -> Path:
     """Runs ``cfg.recipe`` and writes the output folder; returns its path."""
-    from .data import ImageTextDataset, clip_image_transform, open_clip_tokenizer
+    from clipmoe_vlm.data.image_text import ImageTextDataset
+    from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 
     out = Path(cfg.output)
     work = out / "work"
@@ -90,57 +115,59 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     if acc.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
-        if not cfg.resume:
+        if not cfg.run.resume:
             (out / "metrics.jsonl").write_text("")
     acc.wait_for_everyone()
 
-    base = load_base(cfg.base, seed=cfg.seed)
+    base = load_clip(cfg.base, seed=cfg.run.seed)
     if isinstance(base, CLIPMoEModel) and cfg.recipe != "dense":
         raise ValueError(f"--base {cfg.base} is already a CLIP-MoE; recipe {cfg.recipe} needs a dense CLIP")
     base.requires_grad_(False)
-    context = cfg.context_length or base.config.text_config.max_position_embeddings
+    context = cfg.inputs.context_length or base.config.text_config.max_position_embeddings
     dataset = ImageTextDataset(cfg.data, clip_image_transform(base.config.vision_config.image_size),
-                               open_clip_tokenizer(context), max_samples=cfg.max_samples)
+                               open_clip_tokenizer(context), max_samples=cfg.inputs.max_samples)
     acc.print(dataset.describe())
     acc.print(f"{acc.num_processes} processes ({acc.distributed_type}), global batch "
-              f"{cfg.batch_size * acc.num_processes}")
+              f"{cfg.optim.batch_size * acc.num_processes}")
 
     def log(record: dict) -> None:
         if acc.is_main_process:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    engine = Engine(cfg, acc, dataset, work, log)
-    split = _split(len(dataset), cfg)
+    engine = make_engine(cfg, acc, dataset, work, log)
+    split = validation_split(len(dataset), cfg.inputs.val_fraction, cfg.run.seed)
     train_idx = np.flatnonzero(split >= 0)
     val_idx = np.flatnonzero(split < 0)
     summaries = []
 
+    optim, moe_shape = cfg.optim, cfg.moe
     if cfg.recipe == "dense":
-        model, summary = engine.train_stage(copy.deepcopy(base), StageSpec(
-            "dense", cfg.dense_trainable, cfg.dense_lr, cfg.dense_weight_decay, split))
+        model, summary = engine.train_stage(copy.deepcopy(base), stage(
+            cfg, "dense", optim.dense_trainable, optim.dense_lr, optim.dense_weight_decay, split))
         summaries.append(summary)
     elif cfg.recipe == "clip-up":
-        moe = sparse_upcycle(base, cfg.num_experts, cfg.top_k, cfg.moe_layers, **_moe_options(cfg))
-        model, summary = engine.train_stage(moe, StageSpec(
-            "clip-up", cfg.clipup_trainable, cfg.clipup_lr, cfg.clipup_weight_decay, split, moe_losses=True))
+        moe = sparse_upcycle(base, moe_shape.num_experts, moe_shape.top_k, moe_shape.moe_layers, **_moe_options(cfg))
+        model, summary = engine.train_stage(moe, stage(
+            cfg, "clip-up", optim.clipup_trainable, optim.clipup_lr, optim.clipup_weight_decay, split,
+            router_losses=True))
         summaries.append(summary)
     else:  # dmu
         labels, current, expert_ffns = None, base, [base.state_dict()]
-        for stage in range(1, cfg.mcl_stages() + 1):
-            labels = _cluster(engine, current, train_idx, labels, cfg, stage, work / f"labels-stage{stage}.npy")
-            stage_model, summary = engine.train_stage(copy.deepcopy(base), StageSpec(
-                f"mcl-{stage}", "mcl", cfg.mcl_lr, cfg.mcl_weight_decay, labels))
+        for s in range(1, cfg.mcl_stages() + 1):
+            labels = _cluster(engine, current, train_idx, labels, cfg, s, work / f"labels-stage{s}.npy")
+            stage_model, summary = engine.train_stage(copy.deepcopy(base), stage(
+                cfg, f"mcl-{s}", "mcl", optim.mcl_lr, optim.mcl_weight_decay, labels, leftover=cfg.mcl.mcl_leftover))
             summaries.append(summary)
             expert_ffns.append({k: v for k, v in stage_model.state_dict().items() if _MLP.search(k)})
             current = stage_model
-        torch.manual_seed(cfg.seed)  # the routers' initialisation
-        moe = sparse_upcycle(base, cfg.num_experts, cfg.top_k, cfg.moe_layers, **_moe_options(cfg))
+        torch.manual_seed(cfg.run.seed)  # the routers' initialisation
+        moe = sparse_upcycle(base, moe_shape.num_experts, moe_shape.top_k, moe_shape.moe_layers, **_moe_options(cfg))
         sources = [expert_ffns[0]] + [{**expert_ffns[0], **ffn} for ffn in expert_ffns[1:]]
         load_state_dict_checked(moe, upcycle_state_dict(expert_ffns[0], moe, expert_sources=sources),
                                 source="assembled experts")
-        model, summary = engine.train_stage(moe, StageSpec(
-            "router", "router", cfg.router_lr, cfg.router_weight_decay, split, moe_losses=True))
+        model, summary = engine.train_stage(moe, stage(
+            cfg, "router", "router", optim.router_lr, optim.router_weight_decay, split, router_losses=True))
         summaries.append(summary)
 
     # ---- evaluation on the held-out pairs, model card
@@ -148,15 +175,16 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     if len(val_idx):
         for name, m in (("base", base), ("result", model)):
             is_moe = isinstance(m, CLIPMoEModel)
-            image, text, valid, load = embed_pairs(m, dataset, val_idx.tolist(), cfg.batch_size, acc,
-                                                   cfg.num_workers, output_router_logits=is_moe, desc=f"eval {name}")
+            image, text, valid, load = embed_pairs(m, dataset, val_idx.tolist(), optim.batch_size, acc,
+                                                   cfg.inputs.num_workers, output_router_logits=is_moe,
+                                                   desc=f"eval {name}")
             metrics[name] = retrieval_metrics(image[valid], text[valid])
             if load:
                 metrics["expert_load"] = {k: [[round(float(x), 4) for x in row] for row in v] for k, v in load.items()}
     skipped = engine.skipped
     if acc.is_main_process:
         model.config.upcycling_info = {"recipe": cfg.recipe, "base": cfg.base, "data": list(cfg.data),
-                                       "seed": cfg.seed} if isinstance(model, CLIPMoEModel) else None
+                                       "seed": cfg.run.seed} if isinstance(model, CLIPMoEModel) else None
         model.save_pretrained(out)
         report = {"recipe": cfg.recipe, "stages": summaries, "validation": metrics, "skipped_images": skipped,
                   "skipped_examples": [list(map(str, s)) for s in engine.skipped_examples],
@@ -177,7 +205,8 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
 def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) -> str:
     lines = [f"# CLIP-MoE: recipe `{cfg.recipe}`", ""]
     if cfg.recipe != "dense":
-        lines += [f"{cfg.num_experts} experts, top-{cfg.top_k}, MoE layers: {cfg.moe_layers}; base `{cfg.base}`.", ""]
+        lines += [f"{cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, MoE layers: {cfg.moe.moe_layers}; "
+                  f"base `{cfg.base}`.", ""]
     else:
         lines += [f"Dense baseline: continued contrastive training of `{cfg.base}`.", ""]
     command = "python scripts/upcycle_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])

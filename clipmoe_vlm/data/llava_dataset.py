@@ -1,20 +1,14 @@
-"""LLaVA-1.5 supervised data for transformers' ``LlavaForConditionalGeneration``.
+"""LLaVA-1.5 supervised data for transformers' ``LlavaForConditionalGeneration``: the dataset.
 
-Pieces:
-
-* :func:`load_llava_records` reads LLaVA JSON (a list of samples) or JSONL.
-* :func:`tokenize_conversation` tokenises template segments into ``input_ids``
-  and ``labels`` (assistant segments supervised, everything else -100) and
-  reports a tokenisation mismatch instead of hiding it.
 * :class:`LlavaDataset` loads and preprocesses one sample at a time: image
   placeholder checks, expansion of ``<image>`` into ``num_image_tokens`` real
   token ids (transformers' LLaVA scatters one image feature into each), safe
   truncation, image loading and padding to square.
-* :class:`DataStats` counts skipped, repaired, truncated and mismatched samples,
-  including those seen in DataLoader worker processes.
-* :class:`LlavaCollator` pads a list of samples into a model batch.
-* :class:`ModalityLengthGroupedSampler` is LLaVA's ``group_by_modality_length``
-  sampler, deterministic per seed and epoch, and shardable over ranks.
+
+The other jobs live in their own modules: records (:mod:`.llava_records`),
+tokenisation and label masking (:mod:`.llava_tokenize`), images
+(:mod:`.llava_images`), the :class:`DataStats` counters (:mod:`.llava_stats`),
+collator and sampler (:mod:`.llava_batching`).
 
 Skipped samples. When a sample cannot be used (missing or corrupt image, too
 long under the ``"skip"`` policy, malformed conversation, tokenisation
@@ -28,36 +22,29 @@ deterministic. A run of ``max_attempts`` unusable samples raises.
 from __future__ import annotations
 
 import bisect
-import json
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 from transformers.image_processing_utils import BaseImageProcessor
 
-from clipmoe_vlm.data.conversation import ConversationTemplate, Segment, Turn, get_template, parse_llava_conversation
+from clipmoe_vlm.data.conversation import ConversationTemplate, Turn, get_template, parse_llava_conversation
+from clipmoe_vlm.data.llava_images import (
+    UNREADABLE_IMAGE_ERRORS,
+    open_rgb,
+    pad_colour,
+    preprocess_image,
+)
+from clipmoe_vlm.data.llava_records import load_llava_records, validate_record
+from clipmoe_vlm.data.llava_stats import DataStats
+from clipmoe_vlm.data.llava_tokenize import IGNORE_INDEX, tokenize_conversation
 
-__all__ = [
-    "IGNORE_INDEX",
-    "DataStats",
-    "LlavaCollator",
-    "LlavaDataset",
-    "ModalityLengthGroupedSampler",
-    "TokenizedConversation",
-    "expand_to_square",
-    "load_llava_records",
-    "tokenize_conversation",
-]
-
-IGNORE_INDEX = -100
+__all__ = ["LlavaDataset"]
 
 TruncationPolicy = Literal["truncate", "skip"]
 MismatchPolicy = Literal["skip", "mask", "raise"]
@@ -72,198 +59,6 @@ class _SkipSample(Exception):
         self.reason = reason
 
 
-# --------------------------------------------------------------------------- statistics
-class DataStats:
-    """Counters for what the dataset did, readable from the main process.
-
-    Counter names (all start at 0):
-
-    * ``samples``: samples returned by ``dataset[i]``;
-    * ``truncated``: samples returned with their text cut to ``model_max_length``;
-    * ``image_placeholder_added``: image samples without ``<image>`` in the text,
-      repaired by prepending it to the first user turn;
-    * ``trailing_turn_dropped``: conversations ending with an unanswered user turn;
-    * ``tokenization_mismatch``: samples whose segment-wise token counts disagree
-      with the whole-sequence tokenisation (whatever ``on_mismatch`` then did);
-    * ``skipped.<reason>``: samples replaced by another one, for ``reason`` in
-      ``missing_image``, ``corrupt_image``, ``too_long``, ``tokenization_mismatch``,
-      ``bad_conversation``, ``bad_image_placeholder``.
-
-    DataLoader workers are separate processes, so the counts live in a
-    shared-memory tensor with one row per process (row 0: the main process,
-    row ``1 + worker_id``: a worker) and each process writes only its own row;
-    :meth:`as_dict` sums the rows. Counts are per dataset object, i.e. per rank
-    under DDP (all-reduce them to log a global figure). Two DataLoaders iterating
-    the same dataset at the same time would share worker rows; give each its own
-    dataset (and stats) if you need that.
-    """
-
-    SKIP_REASONS: tuple[str, ...] = (
-        "missing_image",
-        "corrupt_image",
-        "too_long",
-        "tokenization_mismatch",
-        "bad_conversation",
-        "bad_image_placeholder",
-    )
-    NAMES: tuple[str, ...] = (
-        "samples",
-        "truncated",
-        "image_placeholder_added",
-        "trailing_turn_dropped",
-        "tokenization_mismatch",
-    ) + tuple(f"skipped.{reason}" for reason in SKIP_REASONS)
-
-    def __init__(self, max_workers: int = 128) -> None:
-        if max_workers < 0:
-            raise ValueError(f"max_workers must be >= 0, got {max_workers}")
-        self._column = {name: position for position, name in enumerate(self.NAMES)}
-        self._counts = torch.zeros((max_workers + 1, len(self.NAMES)), dtype=torch.int64).share_memory_()
-
-    def add(self, name: str, count: int = 1) -> None:
-        """Add ``count`` to counter ``name`` (in this process's row)."""
-        if name not in self._column:
-            raise ValueError(f"unknown counter {name!r}; valid names: {list(self.NAMES)}")
-        worker = get_worker_info()
-        rows = self._counts.shape[0]
-        # Beyond max_workers, workers share rows and concurrent updates may be lost.
-        row = 0 if worker is None or rows == 1 else 1 + worker.id % (rows - 1)
-        self._counts[row, self._column[name]] += count
-
-    def as_dict(self) -> dict[str, int]:
-        """All counters, summed over processes."""
-        totals = self._counts.sum(dim=0).tolist()
-        return dict(zip(self.NAMES, totals))
-
-    @property
-    def skipped(self) -> int:
-        """Total number of skipped samples, all reasons together."""
-        counts = self.as_dict()
-        return sum(counts[f"skipped.{reason}"] for reason in self.SKIP_REASONS)
-
-    def reset(self) -> None:
-        """Set every counter to zero."""
-        self._counts.zero_()
-
-    def __repr__(self) -> str:
-        nonzero = {name: value for name, value in self.as_dict().items() if value}
-        return f"DataStats({nonzero})"
-
-
-# --------------------------------------------------------------------------- records
-def load_llava_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read LLaVA data: a JSON list of samples, or JSONL (one sample per line, by ``.jsonl`` suffix).
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file does not parse, or a JSON file is not a list.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LLaVA data file not found: {path}")
-    if path.suffix == ".jsonl":
-        records: list[Any] = []
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {line_number} is not valid JSON: {error}") from error
-        return records
-    try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON: {error}") from error
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")  # noqa: TRY004
-    return data
-
-
-def _validate_record(record: Any, where: str) -> None:
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{where}: expected an object, got {type(record).__name__}")  # noqa: TRY004
-    conversations = record.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise ValueError(f"{where}: key 'conversations' must be a non-empty list")
-    image = record.get("image")
-    if image is not None and not isinstance(image, str):
-        raise ValueError(
-            f"{where}: key 'image' must be one relative path (a string), got {type(image).__name__}; "
-            "several images per sample are not supported"
-        )
-
-
-# --------------------------------------------------------------------------- tokenisation
-@dataclass(frozen=True)
-class TokenizedConversation:
-    """Result of :func:`tokenize_conversation`.
-
-    ``mismatch`` is True when at least one segment boundary does not fall on a
-    token boundary of the whole-sequence tokenisation; ``labels`` are then not
-    trustworthy and the caller must mask, skip or raise.
-    """
-
-    input_ids: list[int]
-    labels: list[int]
-    mismatch: bool
-
-
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, segments: Sequence[Segment]) -> TokenizedConversation:
-    """Tokenise rendered segments into ``input_ids`` and ``labels``.
-
-    ``input_ids`` are the tokenisation of the whole text (the same ids that
-    tokenising the rendered prompt gives at inference), with the tokenizer's
-    BOS prepended when it has one. Segment ``k`` covers the tokens between the
-    token counts of the text before it and the text up to its end; supervised
-    segments keep their ids as labels, the rest (and BOS) get -100.
-
-    That split is valid only if tokenising each prefix reproduces the start of
-    the whole sequence, i.e. no token straddles a segment boundary. Otherwise
-    ``mismatch`` is set (the analogue of LLaVA's "tokenization mismatch").
-    """
-    texts = [segment.text for segment in segments]
-    full_text = "".join(texts)
-    boundaries: list[int] = []
-    offset = 0
-    for text in texts[:-1]:
-        offset += len(text)
-        boundaries.append(offset)
-    encoded = tokenizer([full_text[:end] for end in boundaries] + [full_text], add_special_tokens=False)["input_ids"]
-    whole = list(encoded[-1])
-    prefix_counts = [len(ids) for ids in encoded[:-1]]
-    mismatch = any(whole[: len(ids)] != list(ids) for ids in encoded[:-1])
-
-    labels: list[int] = []
-    start = 0
-    for segment, end in zip(segments, prefix_counts + [len(whole)]):
-        end = max(end, start)
-        labels.extend(whole[start:end] if segment.supervised else [IGNORE_INDEX] * (end - start))
-        start = end
-    labels = labels[: len(whole)] + [IGNORE_INDEX] * (len(whole) - len(labels))
-
-    bos_id = tokenizer.bos_token_id
-    if bos_id is not None:
-        whole = [bos_id] + whole
-        labels = [IGNORE_INDEX] + labels
-    return TokenizedConversation(whole, labels, mismatch)
-
-
-# --------------------------------------------------------------------------- images
-def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """Pad ``image`` to a square canvas of ``background`` colour, centred (LLaVA's ``expand2square``)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-# --------------------------------------------------------------------------- dataset
 class LlavaDataset(Dataset[dict[str, torch.Tensor]]):
     """LLaVA-1.5 supervised dataset producing inputs for ``LlavaForConditionalGeneration``.
 
@@ -350,7 +145,7 @@ class LlavaDataset(Dataset[dict[str, torch.Tensor]]):
             self.source = "<records>"
             records = data
         for position, record in enumerate(records):
-            _validate_record(record, f"{self.source}: record {position}")
+            validate_record(record, f"{self.source}: record {position}")
         self.records = records
         self.template = get_template(template) if isinstance(template, str) else template
         self.tokenizer = tokenizer
@@ -393,10 +188,7 @@ class LlavaDataset(Dataset[dict[str, torch.Tensor]]):
             if image_processor is None:
                 raise ValueError(f"{self.source}: samples have an 'image' key but no image_processor was given")
             if image_aspect_ratio == "pad":
-                mean = getattr(image_processor, "image_mean", None)
-                if mean is None:
-                    raise ValueError("image_aspect_ratio='pad' needs an image_processor with image_mean")
-                self._background = tuple(int(value * 255) for value in mean)
+                self._background = pad_colour(image_processor)
 
         by_modality: dict[bool, list[int]] = {True: [], False: []}
         for position, flag in enumerate(self.has_image):
@@ -574,191 +366,8 @@ class LlavaDataset(Dataset[dict[str, torch.Tensor]]):
         if not path.is_file():
             raise _SkipSample("missing_image", str(path))
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            image = open_rgb(path)
+        except UNREADABLE_IMAGE_ERRORS as error:
             raise _SkipSample("corrupt_image", f"{path}: {error}") from error
-        if self._background is not None:
-            image = expand_to_square(image, self._background)
-        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
-        return torch.as_tensor(pixel_values)[0]
+        return preprocess_image(image, self.image_processor, self._background)
 
-
-# --------------------------------------------------------------------------- collator
-@dataclass(frozen=True)
-class LlavaCollator:
-    """Pad dataset items into a batch for ``LlavaForConditionalGeneration(**batch)``.
-
-    Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask``
-    (built from the lengths, so a pad id that also occurs in text is harmless),
-    ``labels`` (padded with -100; only when the items have labels) and
-    ``pixel_values`` stacked over the items that have one, in batch order (the
-    order in which LLaVA scatters image features into image tokens); the key is
-    absent when no item has an image.
-
-    Args:
-        pad_token_id: id used for padding ``input_ids``.
-        padding_side: ``"right"`` for training, ``"left"`` for batched generation.
-        pad_to_multiple_of: round the padded length up to a multiple of this.
-    """
-
-    pad_token_id: int
-    padding_side: Literal["right", "left"] = "right"
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("cannot collate an empty list of samples")
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
-        longest = max(len(feature["input_ids"]) for feature in features)
-        if self.pad_to_multiple_of:
-            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        with_labels = all("labels" in feature for feature in features)
-
-        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        for row, feature in enumerate(features):
-            length = len(feature["input_ids"])
-            span = slice(0, length) if self.padding_side == "right" else slice(longest - length, longest)
-            input_ids[row, span] = torch.as_tensor(feature["input_ids"])
-            attention_mask[row, span] = 1
-            if with_labels:
-                labels[row, span] = torch.as_tensor(feature["labels"])
-
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if with_labels:
-            batch["labels"] = labels
-        images = [feature["pixel_values"] for feature in features if feature.get("pixel_values") is not None]
-        if images:
-            shapes = {tuple(image.shape) for image in images}
-            if len(shapes) != 1:
-                raise ValueError(f"pixel_values in one batch must share a shape, got {sorted(shapes)}")
-            batch["pixel_values"] = torch.stack(images)
-        return batch
-
-
-# --------------------------------------------------------------------------- sampler
-class ModalityLengthGroupedSampler(Sampler[int]):
-    """LLaVA's ``group_by_modality_length`` sampler: single-modality, length-grouped batches.
-
-    ``lengths`` follows :attr:`LlavaDataset.modality_lengths`: positive for
-    image samples, negative for text-only ones, never 0. Each epoch:
-
-    1. the indices of each modality are shuffled and cut into megabatches of
-       ``batch_size * world_size * gradient_accumulation_steps`` (one optimiser
-       step over all ranks); each megabatch is sorted by length, longest first;
-    2. the full megabatches of both modalities are shuffled together;
-    3. the two incomplete remainders go last, image samples then text-only
-       ones, each sorted by length.
-
-    Consecutive runs of ``batch_size`` indices are batches, so every batch has
-    one modality except at most one (where the two remainders meet), and
-    samples of similar length share a batch. (LLaVA additionally balances total
-    length across ranks inside a megabatch; here each batch is a consecutive run
-    of the sorted megabatch, which minimises padding.) With a single modality
-    this is plain length grouping. The order depends only on ``seed``,
-    ``epoch`` and ``lengths``.
-
-    Two modes:
-
-    * ``rank=None``: yield the global order (``len(lengths)`` indices). Use this
-      with transformers' ``Trainer``, whose accelerate-prepared DataLoader
-      shards batches round-robin over ranks and calls :meth:`set_epoch`::
-
-          class LlavaTrainer(Trainer):
-              def _get_train_sampler(self, train_dataset=None):
-                  dataset = train_dataset if train_dataset is not None else self.train_dataset
-                  return ModalityLengthGroupedSampler(
-                      dataset.modality_lengths,
-                      batch_size=self.args.train_batch_size,
-                      world_size=self.args.world_size,
-                      gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-                      seed=self.args.seed,
-                  )
-
-    * ``rank=r``: yield only rank ``r``'s shard, for a plain ``DataLoader(...,
-      sampler=sampler, batch_size=batch_size)`` per process (no accelerate). The
-      global order is padded by repeating its first indices (``drop_last=False``)
-      or cut (``drop_last=True``) to a multiple of ``batch_size * world_size``;
-      then batch ``k`` goes to rank ``k % world_size``, the same assignment
-      accelerate makes. Every rank gets the same number of full batches and the
-      shards are disjoint apart from the padding. Call :meth:`set_epoch` on
-      every rank each epoch.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        *,
-        world_size: int = 1,
-        rank: int | None = None,
-        gradient_accumulation_steps: int = 1,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        if batch_size < 1 or world_size < 1 or gradient_accumulation_steps < 1:
-            raise ValueError(
-                "batch_size, world_size and gradient_accumulation_steps must be >= 1, got "
-                f"{batch_size}, {world_size}, {gradient_accumulation_steps}"
-            )
-        if rank is not None and not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        lengths = [int(length) for length in lengths]
-        if any(length == 0 for length in lengths):
-            raise ValueError("lengths must be non-zero: the sign encodes the modality (>0 image, <0 text-only)")
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.rank = rank
-        self.megabatch_size = batch_size * world_size * gradient_accumulation_steps
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation for ``epoch`` (call before iterating, on every rank)."""
-        self.epoch = epoch
-
-    def global_order(self) -> list[int]:
-        """The order of all indices for the current epoch (what ``rank=None`` yields)."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        image_indices = [index for index, length in enumerate(self.lengths) if length > 0]
-        text_indices = [index for index, length in enumerate(self.lengths) if length < 0]
-
-        def by_length(indices: list[int]) -> list[int]:
-            return sorted(indices, key=lambda index: -abs(self.lengths[index]))
-
-        full: list[list[int]] = []
-        remainders: list[int] = []
-        for indices in (image_indices, text_indices):
-            shuffled = [indices[k] for k in torch.randperm(len(indices), generator=generator).tolist()]
-            cut = len(shuffled) - len(shuffled) % self.megabatch_size
-            full.extend(
-                by_length(shuffled[start : start + self.megabatch_size]) for start in range(0, cut, self.megabatch_size)
-            )
-            remainders.extend(by_length(shuffled[cut:]))
-        order = torch.randperm(len(full), generator=generator).tolist()
-        return [index for position in order for index in full[position]] + remainders
-
-    def _shard_size(self) -> int:
-        step = self.batch_size * self.world_size
-        total = len(self.lengths)
-        padded = total // step * step if self.drop_last else math.ceil(total / step) * step
-        return padded // self.world_size
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.global_order()
-        if self.rank is None:
-            return iter(order)
-        total = self._shard_size() * self.world_size
-        if total > len(order):
-            order = order + [order[k % len(order)] for k in range(total - len(order))]
-        order = order[:total]
-        batches = [order[start : start + self.batch_size] for start in range(0, total, self.batch_size)]
-        return iter([index for batch in batches[self.rank :: self.world_size] for index in batch])
-
-    def __len__(self) -> int:
-        return len(self.lengths) if self.rank is None else self._shard_size()

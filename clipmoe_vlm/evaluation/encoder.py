@@ -3,8 +3,8 @@
 Every function takes a model with ``get_image_features(pixel_values=...)`` and ``get_text_features(input_ids=...)``
 (transformers ``CLIPModel``, `clipmoe_vlm.CLIPMoEModel`; the outputs' ``pooler_output`` is the projected embedding,
 a plain tensor is accepted too), an image ``transform`` (PIL image -> (3, H, W) tensor, e.g.
-``upcycle.data.clip_image_transform``) and a ``tokenizer`` (list of strings -> (B, L) LongTensor, e.g.
-``upcycle.data.open_clip_tokenizer``). Features are computed in batches under ``torch.no_grad`` with the model in
+``clipmoe_vlm.processing.clip_image_transform``) and a ``tokenizer`` (list of strings -> (B, L) LongTensor, e.g.
+``clipmoe_vlm.processing.open_clip_tokenizer``). Features are computed in batches under ``torch.no_grad`` with the model in
 eval mode (its mode is restored afterwards), optionally under bf16 autocast, and L2-normalised in fp32.
 
 Protocols (those of CLIP-MoE's and the MCL repositories' evaluation code):

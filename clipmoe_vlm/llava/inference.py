@@ -126,7 +126,7 @@ def run_batch(model, processor, questions_file: str | os.PathLike[str], answers_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava_infer.py", description="Answer questions about images with a "
+    parser = argparse.ArgumentParser(description="Answer questions about images with a "
                                      "LLaVA folder (full, or a LoRA adapter folder).")
     parser.add_argument("--model", default="runs/llava-finetune", help="LLaVA folder (or LoRA adapter folder)")
     parser.add_argument("--base", help="base LLaVA folder of a LoRA adapter (default: the one it records)")

@@ -3,7 +3,7 @@
 A LoRA run's output folder holds:
 
 - ``adapter_config.json`` + ``adapter_model.safetensors``: peft's adapter (LoRA on the language model only,
-  targets `clipmoe_vlm.llava.trainer.LM_LORA_TARGETS`); ``base_model_name_or_path`` is the full LLaVA folder the
+  targets `clipmoe_vlm.llava.trainable.LM_LORA_TARGETS`); ``base_model_name_or_path`` is the full LLaVA folder the
   run started from;
 - ``non_lora_trainables.safetensors``: every other trained parameter (the projector; routers / experts when they
   were trained), keyed by their names in ``LlavaForConditionalGeneration``;
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
-from .trainer import LM_LORA_TARGETS, parameter_group_of
+# Not from .trainer: trainer imports this module (NON_LORA_FILE, non_lora_state), so the shared rules live in
+# .trainable and the dependency stays one-way.
+from .trainable import LM_LORA_TARGETS, parameter_group_of
 
 __all__ = [
     "NON_LORA_FILE",
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     import clipmoe_vlm  # noqa: F401  (registers the CLIP-MoE tower)
 
-    parser = argparse.ArgumentParser(prog="merge_lora.py", description="Merge a LoRA LLaVA run into a full folder.")
+    parser = argparse.ArgumentParser(description="Merge a LoRA LLaVA run into a full folder.")
     parser.add_argument("adapter", help="the LoRA run's output folder (adapter_config.json, adapter weights, "
                         f"{NON_LORA_FILE})")
     parser.add_argument("output", help="folder for the merged LLaVA model")

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .builder import load_llava
     from .inference import answer_questions
 
-    parser = argparse.ArgumentParser(prog="python -m clipmoe_vlm.llava.shapes_eval", description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="runs/llava-finetune")
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)

@@ -24,18 +24,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from .. import defaults
+from .. import defaults, run_config
 from ..data.conversation import get_template
-from ..data.llava_dataset import LlavaCollator, LlavaDataset, load_llava_records
+from ..data.llava_batching import LlavaCollator
+from ..data.llava_dataset import LlavaDataset
+from ..data.llava_records import load_llava_records
+from ..run_config import add_flags, from_flags, setting
 from .builder import build_llava, describe, load_llava
 
 __all__ = ["DEFAULT_OUTPUTS", "LlavaTrainConfig", "TrainResult", "build_parser", "load_config", "main", "run"]
@@ -43,6 +45,8 @@ __all__ = ["DEFAULT_OUTPUTS", "LlavaTrainConfig", "TrainResult", "build_parser",
 DEFAULT_OUTPUTS = {"pretrain": defaults.RUNS / "llava-pretrain", "finetune": defaults.RUNS / "llava-finetune",
                    "finetune-lora": defaults.RUNS / "llava-lora"}
 TINY_LM = "tiny-llama"
+# The CPU defaults of `bash scripts/{pretrain_llava,finetune_llava,finetune_lora}.sh`, as package data.
+PRESETS = {path.stem: path for path in sorted((Path(__file__).parent / "presets").glob("*.yaml"))}
 _STAGE_DEFAULTS = {
     # LLaVA-1.5 scripts: scripts/v1_5/pretrain.sh, finetune.sh, finetune_lora.sh
     "pretrain": {"learning_rate": 1e-3, "template": "plain", "image_aspect_ratio": "square",
@@ -55,71 +59,79 @@ _STAGE_DEFAULTS = {
 
 @dataclass
 class LlavaTrainConfig:
-    """Every option of a LLaVA training run (YAML keys and ``--flags`` use these names, ``-`` for ``_``).
+    """Every option of a LLaVA training run (YAML keys and ``--flags`` use these names, ``-`` for ``_``; the
+    names follow LLaVA's own training arguments). ``None`` means "the stage's default" (see `resolve`)."""
 
-    ``None`` means "the stage's default" (see `resolve`)."""
-
-    stage: str = "pretrain"
-    output_dir: str | None = None
+    stage: Literal["pretrain", "finetune"] = setting("pretrain", "pretrain: projector only, plain template, "
+                                                                 "captions; finetune: projector + LM, instructions")
+    output_dir: str | None = setting(None, "output folder (default: runs/llava-pretrain, runs/llava-finetune or "
+                                           "runs/llava-lora)")
     # model
-    model: str | None = None  # a LLaVA folder to start from (finetune: the pretrain output)
-    vision_tower: str | None = None  # CLIP-MoE / CLIP folder (default runs/clip-moe)
-    language_model: str = TINY_LM  # causal-LM folder / hub id, or "tiny-llama"
-    tokenizer: str | None = None  # default: the language model's
-    projector: str = "mlp2x_gelu"  # or pretrained projector weights
-    vision_feature_layer: int = -2
-    tiny_lm_hidden_size: int = 128
-    tiny_lm_layers: int = 2
-    tiny_vocab_size: int = 1024
+    model: str | None = setting(None, "a LLaVA folder to start from (finetune default: the pretrain output)")
+    vision_tower: str | None = setting(None, "CLIP-MoE or CLIP folder (default: runs/clip-moe)")
+    language_model: str = setting(TINY_LM, "causal-LM folder or hub id, or tiny-llama (built from a config with a "
+                                           "tokenizer trained on the data, no download)")
+    tokenizer: str | None = setting(None, "tokenizer folder or hub id (default: the language model's)")
+    projector: str = setting("mlp2x_gelu", "projector type, or a file of pretrained projector weights")
+    vision_feature_layer: int = setting(-2, "tower layer whose patch features feed the projector")
+    tiny_lm_hidden_size: int = setting(128, "width of the tiny-llama LM")
+    tiny_lm_layers: int = setting(2, "layers of the tiny-llama LM")
+    tiny_vocab_size: int = setting(1024, "vocabulary of the tokenizer trained for tiny-llama")
+    router_aux_loss_coef: float | None = setting(None, "load-balancing weight of the tower's routers when they "
+                                                       "train (default: the tower config's)")
+    router_z_loss_coef: float | None = setting(None, "router z-loss weight when the routers train (default: the "
+                                                     "tower config's)")
     # data
-    data_path: str | None = None
-    image_folder: str | None = None
-    template: str | None = None
-    image_aspect_ratio: str | None = None
-    model_max_length: int = 2048
-    strict: bool = False
-    max_samples: int | None = None
-    group_by_modality_length: bool | None = None
+    data_path: str | None = setting(None, "LLaVA JSON (default: the Shapes world's captions or instructions)")
+    image_folder: str | None = setting(None, "root of the image paths (default: the JSON's folder)")
+    template: str | None = setting(None, "conversation template (default: plain for pretrain, vicuna_v1 after)")
+    image_aspect_ratio: Literal["square", "pad"] | None = setting(None, "pad images to a square first (pad) or "
+                                                                        "resize (square); default per stage")
+    model_max_length: int = setting(2048, "maximum tokens per sample (longer ones are skipped and counted)")
+    strict: bool = setting(False, "fail on the first bad record instead of skipping it")
+    max_samples: int | None = setting(None, "use only the first N records")
+    group_by_modality_length: bool | None = setting(None, "batch image and text-only samples apart (LLaVA-1.5); "
+                                                          "default per stage")
     # what trains
-    lora: bool = False
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    bits: int = 16
-    train_router: bool = False
-    train_experts: bool = False
+    lora: bool = setting(False, "LoRA on the language model (finetune)")
+    lora_r: int = setting(128, "LoRA rank")
+    lora_alpha: int = setting(256, "LoRA alpha")
+    lora_dropout: float = setting(0.05, "LoRA dropout")
+    bits: Literal[4, 8, 16] = setting(16, "4 or 8: QLoRA (bitsandbytes-quantized LM; needs --lora)")
+    train_router: bool = setting(False, "also train the tower's routers (adds the tower's aux loss)")
+    train_experts: bool = setting(False, "also train the tower's experts (adds the tower's aux loss)")
     # optimisation (LLaVA-1.5 values)
-    learning_rate: float | None = None
-    projector_lr: float | None = None
-    router_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    lr_scheduler_type: str = "cosine"
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    tf32: bool = False
-    seed: int = 0
+    learning_rate: float | None = setting(None, "peak learning rate (default: 1e-3 pretrain, 2e-5 finetune, 2e-4 "
+                                                "LoRA)")
+    projector_lr: float | None = setting(None, "projector learning rate (default: learning_rate; LoRA: 2e-5)")
+    router_lr: float | None = setting(None, "router learning rate (default: learning_rate)")
+    expert_lr: float | None = setting(None, "expert learning rate (default: learning_rate)")
+    weight_decay: float = setting(0.0, "weight decay")
+    warmup_ratio: float = setting(0.03, "warm-up fraction of the steps")
+    lr_scheduler_type: str = setting("cosine", "transformers scheduler name")
+    num_train_epochs: float = setting(1.0, "epochs")
+    max_steps: int = setting(-1, "stop after N steps (-1: the epochs decide)")
+    per_device_train_batch_size: int = setting(16, "batch size per device")
+    gradient_accumulation_steps: int = setting(1, "gradient accumulation steps")
+    gradient_checkpointing: bool = setting(False, "activation checkpointing (non-reentrant)")
+    bf16: bool = setting(False, "bf16 weights and autocast (GPU or a CPU with AVX-512 BF16)")
+    tf32: bool = setting(False, "TF32 matmuls (Ampere+ GPUs)")
+    seed: int = setting(0, "seed of initialisation and data order")
+    torch_threads: int | None = setting(None, "intra-op CPU threads (the CPU presets use 1: faster for tiny "
+                                              "matrices on a busy machine)")
     # bookkeeping
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 1
-    dataloader_num_workers: int = 0
-    deepspeed: str | None = None
-    report_to: str = "none"
-    resume: bool = False
-    world_seed: int = 0
+    logging_steps: int = setting(10, "log every N steps")
+    save_steps: int = setting(500, "checkpoint every N steps")
+    save_total_limit: int | None = setting(1, "checkpoints kept")
+    dataloader_num_workers: int = setting(0, "DataLoader worker processes")
+    deepspeed: str | None = setting(None, "DeepSpeed JSON config (configs/deepspeed/)")
+    report_to: str = setting("none", "transformers report_to (none, tensorboard, wandb)")
+    resume: bool = setting(False, "continue from the last checkpoint-N in --output-dir")
+    world_seed: int = setting(0, "seed of the Shapes world used by default")
 
     def resolve(self) -> LlavaTrainConfig:
         """A copy with the stage defaults filled in and the default paths chosen; checks the combination."""
         cfg = dataclasses.replace(self)
-        if cfg.stage not in ("pretrain", "finetune"):
-            raise ValueError(f"--stage must be 'pretrain' or 'finetune', got {cfg.stage!r}")
-        if cfg.bits not in (4, 8, 16):
-            raise ValueError(f"--bits must be 4, 8 or 16, got {cfg.bits}")
         if cfg.bits != 16 and not cfg.lora:
             raise ValueError("--bits 4/8 (QLoRA) needs --lora: quantized weights cannot be trained directly")
         if cfg.lora and cfg.stage != "finetune":
@@ -156,56 +168,20 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- config plumbing
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train_llava.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML file with LlavaTrainConfig keys (flags override it)")
-    for f in dataclasses.fields(LlavaTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if kind == "bool" or kind == "bool | None":
-            parser.add_argument(flag, nargs="?", const=True, default=None, type=_parse_bool, help=f"(bool) {f.name}")
-        elif kind.startswith("int"):
-            parser.add_argument(flag, type=int, default=None, help=f"{f.name} (default {f.default})")
-        elif kind.startswith("float"):
-            parser.add_argument(flag, type=float, default=None, help=f"{f.name} (default {f.default})")
-        else:
-            parser.add_argument(flag, default=None, help=f"{f.name} (default {f.default})")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a shipped preset (the CPU defaults "
+                        "of the LLaVA scripts; a --config file replaces it)")
+    add_flags(parser, LlavaTrainConfig)
     return parser
 
 
 def load_config(argv: list[str] | None = None) -> LlavaTrainConfig:
-    """defaults <- YAML (``--config``) <- flags."""
+    """defaults <- YAML (``--config``, else ``--preset``) <- flags; every value checked when read."""
     args = build_parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config: {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {path}: expected a mapping of option names")
-        known = {f.name for f in dataclasses.fields(LlavaTrainConfig)}
-        for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                raise ValueError(f"--config {path}: unknown key {key!r}")
-            values[name] = value
-    for name, value in vars(args).items():
-        if name != "config" and value is not None:
-            values[name] = value
-    return LlavaTrainConfig(**values)
+    path = args.config or (PRESETS[args.preset] if args.preset else None)
+    return run_config.load(LlavaTrainConfig, path, from_flags(args, LlavaTrainConfig))
 
 
 # --------------------------------------------------------------------------- parts
@@ -248,10 +224,9 @@ def _build_model(cfg: LlavaTrainConfig):
         raise ValueError("--bits needs --model (a saved LLaVA folder, e.g. the pretrain output) to load quantized")
     tower = Path(cfg.vision_tower)
     if not (tower / "config.json").is_file():
-        if tower.resolve() == defaults.DEFAULT_CLIPMOE.resolve():
-            _build_default_tower(tower)
-        if not (tower / "config.json").is_file():
-            raise FileNotFoundError(f"--vision-tower {tower}: no config.json (a CLIP-MoE or CLIP folder is needed)")
+        hint = (" (the default CLIP-MoE: build it with `clipmoe upcycle`, or train with `clipmoe train-llava`, which "
+                "builds it)") if tower.resolve() == defaults.DEFAULT_CLIPMOE.resolve() else ""
+        raise FileNotFoundError(f"--vision-tower {tower}: no config.json (a CLIP-MoE or CLIP folder is needed){hint}")
     dtype = torch.bfloat16 if cfg.bf16 else None
     if cfg.language_model == TINY_LM:
         from ..data.tokenizer import build_local_tokenizer
@@ -273,32 +248,25 @@ def _build_model(cfg: LlavaTrainConfig):
                        template="vicuna_v1", dtype=dtype)
 
 
-def _build_default_tower(tower: Path) -> None:
-    """Runs ``python scripts/upcycle_encoder.py`` (no arguments), which writes the default CLIP-MoE folder."""
-    import subprocess
-
-    script = Path(__file__).resolve().parents[2] / "scripts" / "upcycle_encoder.py"
-    _log(f"{tower} missing: building the default CLIP-MoE with `python {script}`")
-    if not script.is_file():
-        raise FileNotFoundError(f"--vision-tower {tower} is missing and {script} is not there to build it")
-    done = subprocess.run([sys.executable, str(script)], check=False)
-    if done.returncode != 0 or not (tower / "config.json").is_file():
-        raise FileNotFoundError(f"--vision-tower {tower}: `python {script}` did not produce it (exit code "
-                                f"{done.returncode}); build a CLIP-MoE folder and pass --vision-tower")
-
-
 def _device_for_quantized() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _group_lrs(cfg: LlavaTrainConfig) -> dict[str, float]:
-    lrs = {}
-    if cfg.projector_lr is not None:
-        lrs["projector"] = cfg.projector_lr
-    if cfg.router_lr is not None:
-        lrs["router"] = cfg.router_lr
-        lrs["experts"] = cfg.router_lr
-    return lrs
+    """Per-group learning rates that differ from ``learning_rate``."""
+    lrs = {"projector": cfg.projector_lr, "router": cfg.router_lr, "experts": cfg.expert_lr}
+    return {group: lr for group, lr in lrs.items() if lr is not None}
+
+
+def _set_router_losses(model, cfg: LlavaTrainConfig) -> None:
+    """The tower computes its aux loss from its config; these flags set that config's coefficients."""
+    tower_config = model.config.vision_config
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(cfg, name)
+        if value is not None:
+            if not hasattr(tower_config, name):
+                raise ValueError(f"--{name.replace('_', '-')}: the vision tower is not a CLIP-MoE")
+            setattr(tower_config, name, value)
 
 
 def _model_card(cfg: LlavaTrainConfig, model, metrics: dict[str, Any], trainable_counts: dict[str, int],
@@ -350,9 +318,12 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .trainer import LlavaTrainer, configure_trainable, summarize_trainable
+    from .trainable import configure_trainable, summarize_trainable
+    from .trainer import LlavaTrainer
 
     cfg = config.resolve()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     output_dir = Path(cfg.output_dir)
     _log(f"stage {cfg.stage}{f' (LoRA, {cfg.bits}-bit)' if cfg.lora else ''}: data {cfg.data_path}, "
          f"output {output_dir}")
@@ -390,6 +361,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     model, processor = _build_model(cfg)
+    _set_router_losses(model, cfg)
     tokenizer = processor.tokenizer
     # the saved processor pads at inference exactly when this stage trained on padded images
     processor.image_processor.do_pad = cfg.image_aspect_ratio == "pad"
@@ -470,7 +442,4 @@ def run(config: LlavaTrainConfig) -> TrainResult:
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of ``scripts/train_llava.py``; returns the output folder."""
     config = load_config(argv if argv is not None else sys.argv[1:])
-    if os.environ.get("CLIPMOE_LLAVA_DRY_RUN"):
-        print(json.dumps(dataclasses.asdict(config.resolve()), indent=2))
-        return Path(config.resolve().output_dir)
     return run(config).output_dir

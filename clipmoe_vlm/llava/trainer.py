@@ -1,12 +1,13 @@
-"""LLaVA training on transformers' ``Trainer``: trainable sets, parameter groups, the MoE auxiliary loss.
+"""LLaVA training on transformers' ``Trainer``: parameter groups with their own learning rates, the MoE auxiliary loss.
 
-- `configure_trainable` is the one place that decides which parameters train, per stage and mode.
+- Which parameters train (`configure_trainable`) and which group each belongs to (`parameter_group_of`) is decided
+  in `clipmoe_vlm.llava.trainable`.
 - `LlavaTrainer` adds to ``Trainer``: parameter groups with their own learning rates (projector, router,
   experts), LLaVA's ``group_by_modality_length`` sampler, and a ``compute_loss`` that
 
   * runs the vision tower itself (``output_router_logits=True`` when the router or experts train) and hands the
     features to the model through ``mm_encoder_outputs``, so the MoE load-balancing / z-loss of the tower
-    (`clipmoe_vlm.modeling_clip_moe.tower_aux_loss`, weighted by the tower config's coefficients) is added to the
+    (the tower output's ``aux_loss``, weighted by the tower config's coefficients) is added to the
     language-model loss; both are logged separately (``lm_loss``, ``aux_loss``);
   * feeds a batch without images a zero dummy image through tower and projector and adds ``0 *`` its features,
     as LLaVA does, so that DDP / ZeRO-3 see every trainable parameter used on every rank; the dummy image is
@@ -16,37 +17,21 @@
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 
-from ..data.llava_dataset import ModalityLengthGroupedSampler
-from ..modeling_clip_moe import tower_aux_loss
+from ..data.llava_batching import ModalityLengthGroupedSampler
 
-__all__ = [
-    "LM_LORA_TARGETS",
-    "LlavaTrainer",
-    "configure_trainable",
-    "llava_core",
-    "parameter_group_of",
-    "trainable_parameter_names",
-]
+# The dependency runs one way, trainer -> lora -> trainable: lora never imports this module (it would pull in the
+# Trainer machinery, which merging an adapter does not need).
+from .lora import NON_LORA_FILE, non_lora_state
+from .trainable import parameter_group_of
 
-# Linear layers of the language model that LoRA adapts, as a regex anchored to the language model's module path,
-# so no vision-tower or projector module can match (LLaVA's leaf-name list also matched CLIP's q/k/v_proj).
-LM_LORA_TARGETS = (r"(.*\.)?model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
-                   r"|c_attn|c_proj|c_fc|query_key_value|dense|dense_h_to_4h|dense_4h_to_h|fc1|fc2|w1|w2|w3)")
-
-_PROJECTOR = re.compile(r"(^|\.)model\.multi_modal_projector\.")
-_ROUTER = re.compile(r"(^|\.)model\.vision_tower\..*\.mlp\.gate\.weight$")
-_EXPERTS = re.compile(r"(^|\.)model\.vision_tower\..*\.mlp\.experts\.")
-_LM = re.compile(r"(^|\.)(model\.language_model\.|lm_head\.)")
-_LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+__all__ = ["LlavaTrainer", "llava_core"]
 
 
 def llava_core(model: nn.Module):
@@ -63,72 +48,6 @@ def llava_core(model: nn.Module):
             break
     raise TypeError(f"expected a LlavaForConditionalGeneration (possibly wrapped), got {type(model).__name__}")
 
-
-def parameter_group_of(name: str) -> str:
-    """``projector``, ``router``, ``experts``, ``lora``, ``language_model`` or ``vision_tower`` for a parameter name
-    of a (possibly peft-wrapped) LLaVA model."""
-    if _LORA.search(name):
-        return "lora"
-    if _PROJECTOR.search(name):
-        return "projector"
-    if _ROUTER.search(name):
-        return "router"
-    if _EXPERTS.search(name):
-        return "experts"
-    if _LM.search(name):
-        return "language_model"
-    return "vision_tower"
-
-
-def configure_trainable(model: nn.Module, stage: str, *, lora: bool = False, train_router: bool = False,
-                        train_experts: bool = False) -> list[str]:
-    """Set ``requires_grad`` for a stage and return the sorted names of the trainable parameters.
-
-    - ``pretrain``: the projector only;
-    - ``finetune``: projector + language model (embeddings, layers, norm, ``lm_head``);
-    - ``finetune`` with ``lora=True`` (the model already peft-wrapped): projector + the LoRA matrices (the base
-      LM stays frozen);
-    - ``train_router`` / ``train_experts`` (any stage) add the vision tower's MoE routers / experts.
-
-    Everything else, the rest of the vision tower included, is frozen (``requires_grad=False``; nothing is
-    wrapped in ``no_grad``, so gradients still flow through a frozen tower to trainable routers).
-
-    Raises:
-        ValueError: an unknown stage, LoRA in the pretrain stage, router/expert training on a tower without MoE
-            layers.
-    """
-    if stage not in ("pretrain", "finetune"):
-        raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
-    if lora and stage == "pretrain":
-        raise ValueError("LoRA applies to the finetune stage (the pretrain stage trains the projector only)")
-    wanted = {"projector"}
-    if stage == "finetune":
-        wanted.add("lora" if lora else "language_model")
-    if train_router:
-        wanted.add("router")
-    if train_experts:
-        wanted.add("experts")
-    names = []
-    groups_seen = set()
-    for name, parameter in model.named_parameters():
-        group = parameter_group_of(name)
-        groups_seen.add(group)
-        train = group in wanted
-        if train and not parameter.is_floating_point():  # quantized weights
-            train = False
-        parameter.requires_grad_(train)
-        if train:
-            names.append(name)
-    for needed, flag in (("router", "train_router"), ("experts", "train_experts")):
-        if needed in wanted and needed not in groups_seen:
-            raise ValueError(f"--{flag.replace('_', '-')}: the vision tower has no MoE {needed} parameters")
-    if lora and "lora" not in groups_seen:
-        raise ValueError("lora=True but the model has no LoRA parameters (wrap it with peft first)")
-    return sorted(names)
-
-
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    return sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
 
 
 class LlavaTrainer(Trainer):
@@ -203,7 +122,7 @@ class LlavaTrainer(Trainer):
         loss = lm_loss
         aux = None
         if routed and not dummy:
-            aux = tower_aux_loss(features.router_logits, tower.config)
+            aux = getattr(features, "aux_loss", None)  # the tower's router losses, weighted by its config
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
         if model.training:
@@ -218,10 +137,6 @@ class LlavaTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if hasattr(model, "peft_config") and self.args.should_save:
             # peft saves only the LoRA matrices; the projector (and routers) train too and must come back on resume
-            from safetensors.torch import save_file
-
-            from .lora import NON_LORA_FILE, non_lora_state
-
             save_file(non_lora_state(model), os.path.join(output_dir or self.args.output_dir, NON_LORA_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -237,10 +152,6 @@ class LlavaTrainer(Trainer):
         folder = Path(resume_from_checkpoint)
         if hasattr(unwrapped, "peft_config"):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-            from safetensors.torch import load_file
-
-            from .lora import NON_LORA_FILE
-
             extra_file = folder / NON_LORA_FILE
             if extra_file.is_file():
                 extra = load_file(str(extra_file))
@@ -265,16 +176,3 @@ class LlavaTrainer(Trainer):
                     values.clear()
         super().log(logs, start_time)
 
-
-def count_parameters(parameters: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in parameters)
-
-
-def summarize_trainable(model: nn.Module) -> dict[str, Any]:
-    """Trainable parameter counts per group (for logs and the model card)."""
-    counts: dict[str, int] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            group = parameter_group_of(name)
-            counts[group] = counts.get(group, 0) + parameter.numel()
-    return counts

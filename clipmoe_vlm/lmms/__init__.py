@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = ["MODEL_CLASS_PATH", "MODEL_ID", "model_manifests"]
 
 MODEL_ID = "clipmoe_llava"
-MODEL_CLASS_PATH = "clipmoe_vlm.lmms.model.ClipMoELlava"
+MODEL_CLASS_PATH = "clipmoe_vlm.lmms.models.clipmoe_llava.ClipMoELlava"
 
 
 def model_manifests():

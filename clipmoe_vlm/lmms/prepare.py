@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import EvalSetupError
+from .schemas import mmbench_features, mmvet_features, vizwiz_features
 
 __all__ = [
     "DATA_FILES",
@@ -91,7 +92,6 @@ def _image(data: bytes, name: str | None) -> dict[str, Any]:
 def mmbench_from_tsv(tsv: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Convert the official MMBench dev TSV (``index, question, hint, A..D, answer, category, image`` as base64,
     ``source, l2-category, comment, split``) to the ``lmms-lab/MMBench`` "en" layout."""
-    import datasets
     import pandas as pd
 
     tsv = Path(tsv)
@@ -117,26 +117,17 @@ def mmbench_from_tsv(tsv: str | os.PathLike[str], out: str | os.PathLike[str]) -
             row[key] = None if value in ("", "nan") else str(value)
         row["image"] = _image(base64.b64decode(record["image"]), f"{row['index']}.jpg")
         rows.append(row)
-    string = datasets.Value("string")
-    columns = {"index": datasets.Value("int64")}
-    for key in ("question", "hint", "A", "B", "C", "D", "E", "answer", "category"):
-        columns[key] = string
-    columns["image"] = datasets.Image()
-    for key in ("source", "L2-category", "comment", "split"):
-        columns[key] = string
-    if "E" not in frame.columns:
-        columns.pop("E")
+    has_e = "E" in frame.columns
+    if not has_e:
         for row in rows:
             row.pop("E")
-    return _write(Path(out), rows, datasets.Features(columns), "mmbench_en_dev")
+    return _write(Path(out), rows, mmbench_features("ABCDE" if has_e else "ABCD"), "mmbench_en_dev")
 
 
 # --------------------------------------------------------------------------- MM-Vet
 def mmvet_from_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Convert the official MM-Vet folder (``mm-vet.json``: ``{"v1_0": {"imagename", "capability": [...],
     "question", "answer"}}`` and ``images/``) to the ``lmms-lab/MMVet`` layout (capability comma-joined)."""
-    import datasets
-
     folder = Path(folder)
     json_path = folder / "mm-vet.json"
     if not json_path.is_file():
@@ -161,12 +152,7 @@ def mmvet_from_folder(folder: str | os.PathLike[str], out: str | os.PathLike[str
                 "capability": ",".join(capability) if isinstance(capability, list) else str(capability),
             }
         )
-    string = datasets.Value("string")
-    features = datasets.Features(
-        {"question_id": string, "image": datasets.Image(), "question": string, "answer": string,
-         "image_source": string, "capability": string}
-    )
-    return _write(Path(out), rows, features, "mmvet")
+    return _write(Path(out), rows, mmvet_features(), "mmvet")
 
 
 # --------------------------------------------------------------------------- VizWiz
@@ -175,8 +161,6 @@ def vizwiz_from_json(
 ) -> Path:
     """Convert the official VizWiz-VQA ``val.json`` (``[{"image", "question", "answers": [{"answer", ...}],
     "answer_type", ...}]``) and its image folder to the ``lmms-lab/VizWiz-VQA`` layout."""
-    import datasets
-
     json_path, image_dir = Path(json_path), Path(image_dir)
     if not json_path.is_file():
         raise EvalSetupError(f"{json_path}: no such file (the VizWiz val JSON)")
@@ -200,12 +184,7 @@ def vizwiz_from_json(
                 "category": record.get("answer_type", ""),
             }
         )
-    string = datasets.Value("string")
-    features = datasets.Features(
-        {"question_id": string, "image": datasets.Image(), "question": string,
-         "answers": datasets.List(string), "category": string}
-    )
-    return _write(Path(out), rows, features, "vizwiz_vqa_val")
+    return _write(Path(out), rows, vizwiz_features(), "vizwiz_vqa_val")
 
 
 # --------------------------------------------------------------------------- Shapes world
@@ -237,10 +216,9 @@ def _parser():
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="prepare_eval_data.py",
-        description="Write the parquet files read by the offline lmms-eval tasks in eval/tasks/.",
+        description="Write the parquet files read by the offline lmms-eval tasks (packaged in clipmoe_vlm/lmms/tasks/).",
     )
-    parser.add_argument("--out_dir", default=str(_REPO_DATA), help="output folder (default: eval/data)")
+    parser.add_argument("--out_dir", default=str(_DEFAULT_OUT), help="output folder (default: eval/data under the working folder)")
     sub = parser.add_subparsers(dest="source", required=True)
     shapes = sub.add_parser("shapes", help="all three files from the Shapes world")
     shapes.add_argument("--n_eval", type=int, default=300, help="MMBench and VizWiz rows")
@@ -258,7 +236,8 @@ def _parser():
     return parser
 
 
-_REPO_DATA = Path(__file__).resolve().parents[2] / "eval" / "data"
+# The task YAMLs read eval/data/ under the working folder (`clipmoe eval --data_dir` reads another folder).
+_DEFAULT_OUT = Path("eval") / "data"
 
 
 def main(argv: list[str] | None = None) -> int:

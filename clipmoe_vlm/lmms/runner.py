@@ -10,6 +10,7 @@ score. The summary is printed as a table and written as JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -46,21 +47,22 @@ LOCAL_DATA = {
     "mmvet_local": "mmvet",
     "vizwiz_vqa_val_local": "vizwiz_vqa_val",
 }
-REPO_TASKS = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+PLUGIN = "clipmoe_vlm.lmms"  # the package whose `tasks` folder holds the local task YAMLs
+DEFAULT_DATA_DIR = Path("eval") / "data"  # the task YAMLs' data_files, relative to the working folder
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="eval_lmms.py",
         description="Evaluate a clipmoe-vlm LLaVA folder on MMBench-EN dev, MM-Vet and VizWiz-VQA val with lmms-eval.",
         epilog="Arguments after '--' go to lmms-eval unchanged. The MM-Vet judge is set with CLIPMOE_JUDGE_* "
         "variables (docs/evaluation.md).",
     )
     parser.add_argument("model", help="LLaVA model folder (LlavaForConditionalGeneration + LlavaProcessor)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lmms-eval tasks")
-    parser.add_argument("--include_path", default=str(REPO_TASKS), help="folder of task YAMLs (default: eval/tasks)")
+    parser.add_argument("--include_path", default=None,
+                        help="folder of extra task YAMLs (the local tasks come with the package)")
     parser.add_argument("--data_dir", default=None,
-                        help="read the local tasks' parquet files from this folder instead of eval/data")
+                        help="read the local tasks' parquet files from this folder instead of ./eval/data")
     parser.add_argument("--output_path", default=None, help="default: runs/eval/<model folder name>")
     parser.add_argument("--summary_json", default=None, help="default: <output_path>/summary.json")
     parser.add_argument("--batch_size", type=int, default=1)
@@ -88,11 +90,11 @@ def _model_args(args: argparse.Namespace) -> str:
     return ",".join(parts)
 
 
-def build_command(args: argparse.Namespace, tasks: Sequence[str], include_path: Path, output_path: Path,
+def build_command(args: argparse.Namespace, tasks: Sequence[str], include_path: Path | None, output_path: Path,
                   extra: Sequence[str] = ()) -> list[str]:
     """The lmms-eval command line (with its launcher)."""
     lmms = ["-m", "lmms_eval", "--model", MODEL_ID, "--model_args", _model_args(args), "--tasks", ",".join(tasks),
-            "--include_path", str(include_path), "--batch_size", str(args.batch_size),
+            *(["--include_path", str(include_path)] if include_path else []), "--batch_size", str(args.batch_size),
             "--output_path", str(output_path), "--verbosity", args.verbosity]
     if args.limit is not None:
         lmms += ["--limit", str(int(args.limit) if args.limit >= 1 else args.limit)]
@@ -120,14 +122,17 @@ def _preflight(args: argparse.Namespace, tasks: Sequence[str], data_dir: Path) -
         get_judge(JudgeConfig.from_env(task=", ".join(judged))).check()
 
 
-def _tasks_with_data_dir(include_path: Path, data_dir: Path, into: Path) -> Path:
-    """Copy the task YAMLs, pointing their ``../data/`` files at ``data_dir``."""
+def packaged_tasks() -> Path:
+    """The folder of the local task YAMLs shipped inside the package."""
+    return Path(importlib.util.find_spec(f"{PLUGIN}.tasks").submodule_search_locations[0])
+
+
+def _tasks_with_data_dir(data_dir: Path, into: Path) -> Path:
+    """Copies of the packaged task YAMLs whose ``eval/data/`` files point at ``data_dir`` (absolute)."""
     into.mkdir(parents=True, exist_ok=True)
-    for source in include_path.glob("*.yaml"):
-        text = source.read_text().replace("../data/", data_dir.resolve().as_posix() + "/")
+    for source in packaged_tasks().glob("*.yaml"):
+        text = source.read_text().replace(f"{DEFAULT_DATA_DIR.as_posix()}/", data_dir.resolve().as_posix() + "/")
         (into / source.name).write_text(text)
-    for source in include_path.glob("*.py"):
-        shutil.copy(source, into / source.name)
     return into
 
 
@@ -184,10 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[: argv.index("--")]
     args = _parser().parse_args(argv)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    include_path = Path(args.include_path)
-    if not include_path.is_dir():
+    include_path = Path(args.include_path) if args.include_path else None
+    if include_path is not None and not include_path.is_dir():
         raise EvalSetupError(f"--include_path {include_path}: no such folder")
-    data_dir = Path(args.data_dir) if args.data_dir else include_path.parent / "data"
+    data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
     output_path = Path(args.output_path or Path("runs") / "eval" / Path(args.model).resolve().name)
     if not args.no_preflight:
         _preflight(args, tasks, data_dir)
@@ -197,8 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="clipmoe-lmms-tasks-") as scratch:
-        if args.data_dir:
-            include_path = _tasks_with_data_dir(include_path, data_dir, Path(scratch))
+        # lmms-eval takes one --include_path: copies of the packaged tasks reading data_dir (absolute, so the
+        # run does not depend on the working folder), with the user's own task folder beside them.
+        # (LMMS_EVAL_PLUGINS cannot do this in lmms-eval 0.7.3: it adds the plugin's tasks after building the
+        # task index, so they are never found.)
+        copies = _tasks_with_data_dir(data_dir, Path(scratch))
+        if include_path is not None:
+            shutil.copytree(include_path, copies, dirs_exist_ok=True)
+        include_path = copies
         command = build_command(args, tasks, include_path, output_path, extra)
         print("+ " + " ".join(command), flush=True)
         started = time.time()

@@ -26,19 +26,20 @@ from pathlib import Path
 import numpy as np
 
 from clipmoe_vlm.data import shapes as S
+from clipmoe_vlm.data.shapes.questions import _available_kinds, _format_turn, _mc_options
 
 LETTERS = "ABCD"
 
 
 def _kinds(scene, exclude=("existence",)):
-    return [k for k in S._available_kinds(scene, S.QA_KINDS) if k not in exclude]
+    return [k for k in _available_kinds(scene, S.QA_KINDS) if k not in exclude]
 
 
 def _question(rng, *, hint: str, objects: int | None, exclude=("existence",)):
     scene = S.sample_scene(rng, S.DEFAULT_CONFIG, n_objects=objects)
     kinds = _kinds(scene, exclude)
     qa = S.make_qa(scene, kinds[int(rng.integers(len(kinds)))], rng)
-    options, letter = S._mc_options(qa, rng)
+    options, letter = _mc_options(qa, rng)
     text = {"caption": S.canonical_caption(scene), "answer": f"The answer is {qa.mc_answer}.",
             "value": f"{qa.mc_answer}."}[hint]
     return S.mmbench_prompt(qa.mc_question, options, text), letter, qa.kind
@@ -57,7 +58,7 @@ def extra_turns(args):
         kinds = _kinds(scene)
         for _ in range(args.extra):
             qa = S.make_qa(scene, kinds[int(rng.integers(len(kinds)))], rng)
-            question, answer = S._format_turn(qa, "mmbench", rng, scene=scene, config=S.DEFAULT_CONFIG)
+            question, answer = _format_turn(qa, "mmbench", rng, scene=scene, config=S.DEFAULT_CONFIG)
             sample["conversations"] += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
             added += 1
     Path(args.output).write_text(json.dumps(samples))
@@ -77,7 +78,7 @@ def text_mc(args):
             kinds = _kinds(scene, exclude)
             for t in range(int(rng.integers(low, high + 1))):
                 qa = S.make_qa(scene, kinds[int(rng.integers(len(kinds)))], rng)
-                options, letter = S._mc_options(qa, rng)
+                options, letter = _mc_options(qa, rng)
                 prompt = S.mmbench_prompt(qa.mc_question, options, S.canonical_caption(scene) if t == 0 else None)
                 conversation += [{"from": "human", "value": prompt}, {"from": "gpt", "value": letter}]
         else:  # a new scene and a hint in every turn

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel
 
-from clipmoe_vlm import CLIPMoEConfig, CLIPMoEModel
-
+from .configuration_clip_moe import CLIPMoEConfig
 from .convert import SUPPORTED_SOURCES, load_official_clipmoe, open_clip_to_hf, openai_layout_to_hf
 
-__all__ = ["BASE_SPECS", "load_base", "tiny_clip_config"]
+__all__ = ["BASE_SPECS", "load_clip", "tiny_clip_config"]
 
 BASE_SPECS = (
     "tiny-random",
@@ -51,7 +50,7 @@ def tiny_clip_config(image_size: int = 64, patch_size: int = 8, width: int = 64,
     )
 
 
-def load_base(spec: str, seed: int = 0):
+def load_clip(spec: str, seed: int = 0):
     """Resolves a ``--base`` spec (see the module docstring) to a transformers CLIP or a `CLIPMoEModel`."""
     if spec == "tiny-random":
         torch.manual_seed(seed)

@@ -1,5 +1,5 @@
-"""Image–caption pairs for contrastive (CLIP) training: sources, the CLIP eval transform, the tokenizer, and a
-collate function that drops unreadable images without stopping the run.
+"""The readers behind ``--data``: each source format yields image–caption pairs; `ImageTextDataset`
+(`clipmoe_vlm.data.image_text`) concatenates them.
 
 Each ``--data`` item is one source; several are concatenated in order. The format is detected from the path, or
 forced with a prefix (``jsonl:``, ``csv:``, ``llava:``, ``files:``, ``wds:``, ``hf:``):
@@ -26,49 +26,38 @@ Everything that can be checked is checked when the dataset is built, before any 
 exist (`FileNotFoundError`), an unreadable or malformed file, a missing column or key, an empty source
 (`DataSourceError`, a `ValueError`); each message names the file (and line or record). Images are only decoded in
 ``__getitem__``: a missing, truncated or corrupt image gives ``pixel_values=None`` and an error string, which
-`collate_image_text` drops and counts in the batch, and `SkipCounter` sums over the run.
+`collate_image_text` drops and counts in the batch.
 """
 
 from __future__ import annotations
 
-import bisect
 import csv
 import io
 import json
-import operator
 import os
 import re
 import tarfile
 import threading
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
-from torchvision import transforms
 
 __all__ = [
     "DATA_SOURCE_FORMS",
     "IMAGE_DECODE_ERRORS",
-    "OPENAI_CLIP_MEAN",
-    "OPENAI_CLIP_STD",
+    "LOADERS",
+    "MISSING_FILE",
     "SOURCE_FORMATS",
+    "UNREADABLE_IMAGE",
     "DataSourceError",
-    "ImageTextDataset",
-    "SkipCounter",
+    "ImageTextSource",
     "SourceSpec",
-    "clip_image_transform",
-    "collate_image_text",
-    "open_clip_tokenizer",
     "parse_source",
 ]
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SOURCE_FORMATS = ("jsonl", "csv", "llava", "files", "wds", "hf")
 
@@ -99,48 +88,7 @@ class DataSourceError(ValueError):
     """A data source that cannot be used: unreadable, malformed or empty. The message names the file."""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Tokenizer and transform
 
-
-def open_clip_tokenizer(context_length: int = 77) -> Callable[[list[str]], torch.LongTensor]:
-    """open_clip's ``SimpleTokenizer`` with the OpenAI BPE vocabulary (shipped inside open_clip_torch, so offline).
-
-    Calling it on a list of B captions returns a ``(B, context_length)`` LongTensor: start token 49406, the BPE
-    ids, end token 49407, zero padding. Longer captions are truncated and keep 49407 as their last token, as
-    ``open_clip.tokenize``. CLIP uses 77; CLIP-MoE's Long-CLIP text tower uses 248.
-    """
-    if context_length < 2:
-        raise ValueError(f"context_length must be >= 2 (start and end tokens), got {context_length}")
-    from open_clip.tokenizer import SimpleTokenizer  # heavy import (open_clip pulls timm): only when needed
-
-    return SimpleTokenizer(context_length=context_length)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def clip_image_transform(image_size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                         std: Sequence[float] = OPENAI_CLIP_STD) -> Callable[[Image.Image], torch.Tensor]:
-    """CLIP's eval preprocessing, which CLIP-MoE also trains with (no augmentation): RGB, bicubic resize of the
-    shortest side to ``image_size``, center crop to ``image_size`` squared, to a [0, 1] tensor, normalise.
-
-    Converting to RGB comes first (open_clip converts after resizing), so palette images are resized in RGB
-    rather than with the nearest-neighbour filter PIL uses for palette images.
-    """
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
-    return transforms.Compose([
-        _to_rgb,
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(tuple(mean), tuple(std)),
-    ])
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Source specs
 
 
@@ -247,7 +195,7 @@ def _checked(source: SourceSpec) -> SourceSpec:
 # Sources: captions in memory, images read on demand
 
 
-class _Source:
+class ImageTextSource:
     """Pairs of one ``--data`` item. Subclasses fill ``captions`` and implement `open_image`/`location`."""
 
     format = ""
@@ -283,7 +231,7 @@ def _resolve(root: Path, image: str) -> str:
     return str(path if path.is_absolute() else root / path)
 
 
-class _PathSource(_Source):
+class _PathSource(ImageTextSource):
     """Images are files named by path (jsonl, csv, llava, files)."""
 
     def __init__(self, spec: SourceSpec) -> None:
@@ -472,7 +420,7 @@ def _wds_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-class _TarSource(_Source):
+class _TarSource(ImageTextSource):
     """WebDataset shards. The index (shard, data offset, size of each image member) is built once; images are
     read by seeking into the shard, through file handles opened lazily in each process."""
 
@@ -602,7 +550,7 @@ class _TarSource(_Source):
         return f"{self.spec.path} ({_plural(len(self.shards), 'shard')})"
 
 
-class _HFSource(_Source):
+class _HFSource(ImageTextSource):
     """A ``datasets.Dataset`` saved with ``save_to_disk``. Image bytes are decoded here with PIL (the Image
     feature is cast to ``decode=False``) so a bad image is skipped like any other."""
 
@@ -662,183 +610,6 @@ class _HFSource(_Source):
         return f"{self.spec.path}, row {j}" + (f" ({path})" if path else "")
 
 
-_LOADERS = {"jsonl": _JsonlSource, "csv": _CsvSource, "llava": _LlavaSource, "files": _FilesSource,
+LOADERS = {"jsonl": _JsonlSource, "csv": _CsvSource, "llava": _LlavaSource, "files": _FilesSource,
             "wds": _TarSource, "hf": _HFSource}
 
-
-# --------------------------------------------------------------------------------------------------------------
-# The dataset
-
-
-class ImageTextDataset(Dataset):
-    """Image–caption pairs from one or more sources, concatenated in order.
-
-    Args:
-        sources: ``--data`` items (see the module docstring); a single string is one source.
-        image_transform: PIL RGB image -> (3, H, W) tensor, e.g. `clip_image_transform`.
-        tokenizer: list of B captions -> (B, L) LongTensor, e.g. `open_clip_tokenizer`.
-        max_samples: use only the first N pairs; later pairs (and sources) are not read at all.
-
-    ``dataset[i]`` is ``{"index": i, "pixel_values": (3, H, W) tensor or None, "input_ids": (L,) LongTensor,
-    "error": None or str}``. ``error`` starts with the reason (``"missing file: ..."`` or
-    ``"unreadable image: ..."``) and names the image. The caption is always tokenized.
-    """
-
-    def __init__(self, sources: Sequence[str | os.PathLike[str]], image_transform: Callable[[Image.Image], Any],
-                 tokenizer: Callable[[list[str]], torch.Tensor], max_samples: int | None = None) -> None:
-        if isinstance(sources, (str, os.PathLike)):
-            sources = [sources]
-        if not sources:
-            raise ValueError("no data sources given")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
-        self.image_transform = image_transform
-        self.tokenizer = tokenizer
-        self.max_samples = max_samples
-        specs = [parse_source(spec) for spec in sources]  # every path is checked before anything is read
-        self.sources: list[_Source] = []
-        self.unread: list[SourceSpec] = []
-        for spec in specs:
-            remaining = None if max_samples is None else max_samples - sum(map(len, self.sources))
-            if remaining == 0:
-                self.unread.append(spec)
-                continue
-            source = _LOADERS[spec.format](spec, remaining)
-            if not len(source):
-                notes = f" ({'; '.join(source.notes)})" if source.notes else ""
-                raise DataSourceError(f"--data {spec.spec}: no image–caption pairs in {source.where()}{notes}")
-            self.sources.append(source)
-        self._ends = []
-        total = 0
-        for source in self.sources:
-            total += len(source)
-            self._ends.append(total)
-        self.captions: list[str] = [caption for source in self.sources for caption in source.captions]
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def locate(self, i: int) -> tuple[int, int]:
-        """(source number, index within that source) of pair ``i``."""
-        i = operator.index(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} pairs")
-        k = bisect.bisect_right(self._ends, i)
-        return k, i - (self._ends[k - 1] if k else 0)
-
-    def image_location(self, i: int) -> str:
-        """Where the image of pair ``i`` is: a path, ``SHARD.tar:MEMBER`` or ``DATASET, row N``."""
-        k, j = self.locate(i)
-        return self.sources[k].location(j)
-
-    def load_image(self, i: int) -> Image.Image:
-        """The RGB image of pair ``i``; raises one of `IMAGE_DECODE_ERRORS` if it is missing or unreadable."""
-        k, j = self.locate(i)
-        return self.sources[k].open_image(j)
-
-    def __getitem__(self, i: int) -> dict:
-        k, j = self.locate(i)
-        i = self._ends[k] - len(self.sources[k]) + j  # a plain int, also for numpy or tensor indices
-        input_ids = self.tokenizer([self.captions[i]])[0]
-        try:
-            image = self.sources[k].open_image(j)
-        except FileNotFoundError as error:
-            return {"index": i, "pixel_values": None, "input_ids": input_ids,
-                    "error": f"{MISSING_FILE}: {self.sources[k].location(j)} ({error.strerror or error})"}
-        except IMAGE_DECODE_ERRORS as error:
-            return {"index": i, "pixel_values": None, "input_ids": input_ids,
-                    "error": f"{UNREADABLE_IMAGE}: {self.sources[k].location(j)} ({type(error).__name__}: {error})"}
-        return {"index": i, "pixel_values": self.image_transform(image), "input_ids": input_ids, "error": None}
-
-    def close(self) -> None:
-        """Closes file handles held open for random access (WebDataset shards) in this process."""
-        for source in self.sources:
-            if isinstance(source, _TarSource):
-                source.close()
-
-    def describe(self) -> str:
-        """One line per source, for the run log: format, path, number of pairs (and what was left out)."""
-        lines = []
-        for source in self.sources:
-            extra = list(source.notes)
-            if source.truncated:
-                extra.append(f"stopped at max_samples={self.max_samples:,}")
-            suffix = f" ({'; '.join(extra)})" if extra else ""
-            lines.append(f"{source.format:<5} {source.where()}: {len(source):,} pairs{suffix}")
-        for spec in self.unread:
-            lines.append(f"{spec.format:<5} {spec.spec}: not read (max_samples={self.max_samples:,} reached)")
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Batching and skip accounting
-
-
-def collate_image_text(batch: list[dict]) -> dict:
-    """Stacks the samples whose image loaded and drops the others, reporting them with the batch (collate runs
-    in the DataLoader workers, so the batch is the only way the count reaches the training loop).
-
-    Returns ``{"pixel_values": (B', 3, H, W), "input_ids": (B', L), "index": (B',) LongTensor, "num_skipped": int,
-    "skipped": [(index, error), ...]}``. When every sample failed (B' = 0), ``pixel_values`` is None and
-    ``input_ids``/``index`` have zero rows: skip such a batch.
-    """
-    kept = [sample for sample in batch if sample["pixel_values"] is not None]
-    skipped = [(int(sample["index"]), str(sample["error"])) for sample in batch if sample["pixel_values"] is None]
-    if kept:
-        input_ids = torch.stack([sample["input_ids"] for sample in kept])
-    elif batch:
-        input_ids = torch.stack([sample["input_ids"] for sample in batch])[:0]
-    else:
-        input_ids = torch.zeros(0, 0, dtype=torch.long)
-    return {
-        "pixel_values": torch.stack([sample["pixel_values"] for sample in kept]) if kept else None,
-        "input_ids": input_ids,
-        "index": torch.tensor([int(sample["index"]) for sample in kept], dtype=torch.long),
-        "num_skipped": len(skipped),
-        "skipped": skipped,
-    }
-
-
-class SkipCounter:
-    """Sums the skipped samples of the batches a training loop sees; `summary` is one line for the log::
-
-        counter = SkipCounter()
-        for batch in loader:
-            counter.update(batch)
-            if batch["pixel_values"] is None:
-                continue
-            ...
-        print(counter.summary())  # skipped 3 of 10,000 samples: 2 unreadable images (first: ...), 1 missing file
-    """
-
-    def __init__(self) -> None:
-        self.seen = 0
-        self.skipped = 0
-        self.by_reason: Counter[str] = Counter()
-        self.first: dict[str, str] = {}  # reason -> "index N: error" of its first occurrence
-
-    def update(self, batch: Mapping[str, Any]) -> int:
-        """Counts one collated batch; returns its number of skipped samples."""
-        num_skipped = int(batch["num_skipped"])
-        self.seen += len(batch["index"]) + num_skipped
-        self.skipped += num_skipped
-        for index, error in batch["skipped"]:
-            reason, sep, detail = error.partition(": ")
-            if not sep or reason not in (MISSING_FILE, UNREADABLE_IMAGE):
-                reason, detail = "other error", error
-            self.by_reason[reason] += 1
-            self.first.setdefault(reason, f"index {index}, {detail}")
-        return num_skipped
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "skipped": self.skipped, "by_reason": dict(self.by_reason),
-                "first": dict(self.first)}
-
-    def summary(self) -> str:
-        text = f"skipped {self.skipped:,} of {self.seen:,} samples"
-        if not self.by_reason:
-            return text
-        parts = []
-        for reason, count in self.by_reason.most_common():
-            parts.append(f"{_plural(count, reason)} (first: {self.first[reason]})")
-        return f"{text}: " + ", ".join(parts)

@@ -193,15 +193,15 @@ def test_official_release_loads_to_the_same_function(official_checkpoint, pixel_
                                moe.get_text_features(input_ids=tokens).pooler_output, atol=1e-5, rtol=0)
 
 
-def test_load_base_reads_the_official_release_as_moe_naming_the_file(tmp_path):
+def test_load_clip_reads_the_official_release_as_moe_naming_the_file(tmp_path):
     from transformers import CLIPModel
 
-    from upcycle.sources import load_base, tiny_clip_config
+    from clipmoe_vlm.loading import load_clip, tiny_clip_config
 
     torch.manual_seed(6)  # width 64: head counts inferable, as for the real release
     path = tmp_path / "official.pt"
     torch.save(to_official_layout(sparse_upcycle(CLIPModel(tiny_clip_config()), num_experts=4, top_k=2)), path)
-    loaded = load_base(str(path))
+    loaded = load_clip(str(path))
     reference = load_official_clipmoe(path)
     assert isinstance(loaded, CLIPMoEModel) and loaded.config.upcycling_info["source"] == str(path)
     expected = reference.state_dict()

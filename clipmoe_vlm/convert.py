@@ -26,16 +26,9 @@ import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-from clipmoe_vlm import (
-    CLIPMoEConfig,
-    CLIPMoEModel,
-    CLIPMoETextConfig,
-    CLIPMoETextModel,
-    CLIPMoEVisionConfig,
-    CLIPMoEVisionModel,
-)
-from clipmoe_vlm.checkpoint import CheckpointMismatchError, check_shapes
-from clipmoe_vlm.configuration_clip_moe import MOE_CONFIG_FIELDS
+from .checkpoint import CheckpointMismatchError, check_shapes
+from .configuration_clip_moe import MOE_CONFIG_FIELDS, CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .modeling_clip_moe import CLIPMoEModel, CLIPMoETextModel, CLIPMoEVisionModel
 
 __all__ = [
     "CheckpointMismatchError",

@@ -1,4 +1,4 @@
-"""Functions the offline task YAMLs in ``eval/tasks/`` name with ``!function clipmoe_vlm.lmms.tasks.<fn>``.
+"""Functions the offline task YAMLs beside this file name with ``!function clipmoe_vlm.lmms.tasks.<fn>``.
 
 The YAMLs call lmms-eval's upstream functions directly wherever they can. What is here:
 
@@ -25,8 +25,8 @@ from typing import Any
 
 from loguru import logger
 
-from .judge import JudgeConfig, get_judge
-from .prepare import check_columns
+from ..judge import JudgeConfig, get_judge
+from ..prepare import check_columns
 
 __all__ = [
     "mmbench_aggregate_dev_results_judge",

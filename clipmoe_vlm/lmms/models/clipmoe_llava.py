@@ -35,9 +35,9 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.conversation import Turn, get_template
-from ..data.llava_dataset import expand_to_square
-from .errors import EvalSetupError, check_model_folder
+from ...data.conversation import Turn, get_template
+from ...data.llava_images import expand_to_square
+from ..errors import EvalSetupError, check_model_folder
 
 __all__ = ["ClipMoELlava", "check_model_folder"]
 

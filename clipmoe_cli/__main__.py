@@ -1,0 +1,3 @@
+from clipmoe_cli.main import main
+
+raise SystemExit(main())
