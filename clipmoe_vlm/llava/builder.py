@@ -46,6 +46,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from ..configuration_clip_moe import CLIPMoEConfig, CLIPMoEVisionConfig
 from ..data.conversation import DEFAULT_IMAGE_TOKEN, get_template
 from ..modeling_clip_moe import CLIPMoEModel, CLIPMoEVisionModel
+from ..processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 __all__ = [
     "CLIP_IMAGE_MEAN",
@@ -59,8 +60,7 @@ __all__ = [
     "num_image_tokens",
 ]
 
-CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_IMAGE_MEAN, CLIP_IMAGE_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # the LLaVA processor's normalisation
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 """Projector types transformers' ``LlavaMultiModalProjector`` implements (LLaVA-1.5's is ``mlp2x_gelu``)."""
 
