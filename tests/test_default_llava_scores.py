@@ -26,10 +26,10 @@ def test_default_finetune_scores_above_chance_on_shapes_mmbench_and_vizwiz(tmp_p
     from clipmoe_vlm.lmms.runner import main as eval_main
 
     cache = Path(os.environ.get("CLIPMOE_CACHE", REPO / ".cache" / "clipmoe-vlm"))
-    env = dict(os.environ, CLIPMOE_CACHE=str(cache), LLAVA_PRETRAIN_OUT=str(tmp_path / "pretrain"),
-               LLAVA_FINETUNE_OUT=str(tmp_path / "finetune"))
-    subprocess.run(["bash", str(REPO / "scripts" / "finetune_llava.sh")], cwd=REPO, env=env, check=True,
-                   timeout=3600)
+    env = dict(os.environ, CLIPMOE_CACHE=str(cache))
+    # stage 1 runs first into --model (missing), as the no-argument script does into runs/llava-pretrain
+    subprocess.run(["bash", str(REPO / "scripts" / "finetune_llava.sh"), "--model", str(tmp_path / "pretrain"),
+                    "--output-dir", str(tmp_path / "finetune")], cwd=REPO, env=env, check=True, timeout=3600)
     model = tmp_path / "finetune"
     assert (model / "config.json").is_file() and (model / "README.md").is_file()
 
