@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipmoe_cli import generate_shapes
 from clipmoe_vlm.data import shapes as S
 from clipmoe_vlm.data.shapes import generate, language, questions
 
@@ -648,16 +648,8 @@ def test_mmvp_vlm_pairs_differ_in_exactly_the_stated_attribute(world):
 # ------------------------------------------------------------------ command line
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("generate_shapes_cli", REPO / "scripts" / "generate_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_help_lists_every_flag(capsys):
-    cli = _load_cli()
+    cli = generate_shapes
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
@@ -669,7 +661,7 @@ def test_cli_help_lists_every_flag(capsys):
 
 
 def test_cli_writes_a_world(tmp_path, capsys):
-    cli = _load_cli()
+    cli = generate_shapes
     argv = ["--out", str(tmp_path / "w"), "--seed", "5", "--n-train", "4", "--n-pretrain", "2", "--n-instruct", "2",
             "--n-eval", "8", "--n-mmvet", "2", "--n-retrieval", "2", "--n-zeroshot-per-class", "1",
             "--n-mmvp-pairs", "1", "--image-size", "32", "--eval-dir", str(tmp_path / "evaldata"), "--no-progress"]  # fmt: skip
