@@ -18,8 +18,6 @@ from clipmoe_cli import generate_shapes
 from clipmoe_vlm.data import shapes as S
 from clipmoe_vlm.data.shapes import generate, language, questions
 
-REPO = Path(__file__).resolve().parents[1]
-
 SMALL: dict[str, Any] = {
     "n_train": 24,
     "n_pretrain": 8,
