@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see clipmoe_vlm/__init__.py
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# first: registers the Auto classes and sets the OpenMP wait policy, which acts only before torch loads
+import clipmoe_vlm  # noqa: F401, I001
+import pytest
+import torch
 from transformers import CLIPConfig, CLIPModel
-
-import clipmoe_vlm  # noqa: F401  (registers the Auto classes)
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                    patch_size=8)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["clip_contrastive_loss", "gather_with_grad", "no_gather"]
+__all__ = ["clip_contrastive_loss", "gather_rows", "gather_with_grad", "no_gather"]
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,3 +58,19 @@ def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Ten
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
             + F.cross_entropy(logits.t(), labels, label_smoothing=label_smoothing)) / 2
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """All processes' rows concatenated in rank order, without gradient; unlike `gather_with_grad`, ranks may
+    hold different numbers of rows (the last shard of an evaluation)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]])
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, longest - tensor.shape[0]))
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])

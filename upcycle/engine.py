@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -25,11 +24,11 @@ from transformers import get_cosine_schedule_with_warmup
 
 from clipmoe_vlm.losses import expert_load
 
-from .contrastive import clip_contrastive_loss, gather_with_grad
+from .contrastive import clip_contrastive_loss, gather_rows, gather_with_grad
 from .mcl import ClusterBatchSampler
 from .trainable import set_trainable
 
-__all__ = ["StageSpec", "Engine", "StopRequested", "embed_pairs", "retrieval_metrics"]
+__all__ = ["StageSpec", "Engine", "StopRequested", "embed_pairs", "paired_recall"]
 
 
 class StopRequested(RuntimeError):
@@ -229,20 +228,6 @@ class Engine:
 # ------------------------------------------------------------------------------------------------ embedding
 
 
-def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    world = dist.get_world_size()
-    size = torch.tensor([tensor.shape[0]])
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    longest = int(max(sizes))
-    padded = torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, longest - tensor.shape[0]))
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
-
-
 @torch.no_grad()
 def embed_pairs(model, dataset, indices, batch_size: int, accelerator, num_workers: int = 0,
                 output_router_logits: bool = False, desc: str = "embed"):
@@ -283,8 +268,8 @@ def embed_pairs(model, dataset, indices, batch_size: int, accelerator, num_worke
     rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
     img_t = torch.cat(img_parts) if img_parts else torch.zeros(0, dim)
     txt_t = torch.cat(txt_parts) if txt_parts else torch.zeros(0, dim)
-    rows_t = _gather_rows(rows_t[:, None])[:, 0]
-    img_t, txt_t = _gather_rows(img_t), _gather_rows(txt_t)
+    rows_t = gather_rows(rows_t[:, None])[:, 0]
+    img_t, txt_t = gather_rows(img_t), gather_rows(txt_t)
     position = {int(i): k for k, i in enumerate(indices)}
     image = torch.zeros(len(indices), dim)
     text = torch.zeros(len(indices), dim)
@@ -295,14 +280,12 @@ def embed_pairs(model, dataset, indices, batch_size: int, accelerator, num_worke
     return image, text, valid, router
 
 
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor) -> dict:
-    """Recall@1 and @5 for paired rows (row i of ``image`` belongs to row i of ``text``), keys ``i2t_r1`` ...;
-    computed by `clipmoe_vlm.evaluation.encoder.retrieval_metrics`."""
+def paired_recall(image: torch.Tensor, text: torch.Tensor) -> dict:
+    """Recall@1 and @5 both ways for paired rows (row i of ``image`` belongs to row i of ``text``), with the
+    evaluation library's keys (``i2t_R@1`` ...) and ``n``."""
     if len(image) == 0:
         return {}
-    from clipmoe_vlm.evaluation.encoder import retrieval_metrics as recall
+    from clipmoe_vlm.evaluation.encoder import retrieval_metrics
 
-    metrics = recall(image, text, list(range(len(image))), ks=(1, 5))
-    out = {f"{d}_r{k}": round(metrics[f"{d}_R@{k}"], 4) for d in ("i2t", "t2i") for k in (1, 5)}
-    out["n"] = len(image)
-    return out
+    metrics = retrieval_metrics(image, text, list(range(len(image))), ks=(1, 5))
+    return {**{key: round(value, 4) for key, value in metrics.items()}, "n": len(image)}

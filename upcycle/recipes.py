@@ -31,7 +31,7 @@ from clipmoe_vlm.convert import load_state_dict_checked, sparse_upcycle, upcycle
 from clipmoe_vlm.loading import load_clip
 
 from .config import UpcycleConfig
-from .engine import Engine, StageSpec, embed_pairs, retrieval_metrics
+from .engine import Engine, StageSpec, embed_pairs, paired_recall
 from .mcl import accumulate_labels, kmeans_labels
 
 __all__ = ["make_engine", "run_upcycling", "stage", "validation_split"]
@@ -178,7 +178,7 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
             image, text, valid, load = embed_pairs(m, dataset, val_idx.tolist(), optim.batch_size, acc,
                                                    cfg.inputs.num_workers, output_router_logits=is_moe,
                                                    desc=f"eval {name}")
-            metrics[name] = retrieval_metrics(image[valid], text[valid])
+            metrics[name] = paired_recall(image[valid], text[valid])
             if load:
                 metrics["expert_load"] = {k: [[round(float(x), 4) for x in row] for row in v] for k, v in load.items()}
     skipped = engine.skipped
@@ -223,8 +223,8 @@ def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) ->
                   "I→T R@5 | T→I R@5 | pairs |", "| --- | --- | --- | --- | --- | --- |"]
         for name in ("base", "result"):
             m = val.get(name, {})
-            lines.append(f"| {name} | {m.get('i2t_r1', '-')} | {m.get('t2i_r1', '-')} | {m.get('i2t_r5', '-')} | "
-                         f"{m.get('t2i_r5', '-')} | {m.get('n', '-')} |")
+            cells = [m.get(f"{d}_R@{k}", "-") for k in (1, 5) for d in ("i2t", "t2i")]
+            lines.append(f"| {name} | " + " | ".join(map(str, cells)) + f" | {m.get('n', '-')} |")
         if "expert_load" in val:
             lines += ["", "## Expert usage (fraction of assignments per expert, per MoE layer)", ""]
             for tower, rows in val["expert_load"].items():
