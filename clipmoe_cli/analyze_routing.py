@@ -84,6 +84,8 @@ def load_inputs(images: Path, captions: Path | None, limit: int) -> tuple[list[P
             raise SystemExit(f"--images {images}: no .jpg/.png/.webp image in the folder")
     elif images.suffix == ".jsonl":
         paths = [images.parent / p for p in _read_jsonl(images, "image", required=True)]
+        if not paths:
+            raise SystemExit(f"--images {images}: the file has no lines (expected JSONL with an \"image\" per line)")
         found = _read_jsonl(images, "caption", required=False)
         if all(c is not None for c in found):
             caption_list = found
@@ -95,6 +97,9 @@ def load_inputs(images: Path, captions: Path | None, limit: int) -> tuple[list[P
         raise SystemExit(f"--images {images}: image {missing[0]} not found")
     if captions is not None:
         caption_list = _read_jsonl(captions, "caption", required=True)
+        if not caption_list:
+            raise SystemExit(f"--captions {captions}: the file has no lines (expected JSONL with a \"caption\" per "
+                             "line)")
     return paths, caption_list[:limit] if caption_list else None
 
 
@@ -135,8 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
         captions = None
     images = []
     for path in paths:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))  # decodes now: a truncated file fails here, named
+        except (OSError, Image.DecompressionBombError) as err:
+            raise SystemExit(f"--images {images_spec}: image {path} cannot be read: {err}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = analyze_routing(model, images, clip_image_transform(vision.image_size), args.output,
                               captions=captions, tokenizer=tokenizer, layers=args.layers, num_maps=args.num_maps,

@@ -11,6 +11,10 @@ Three source layouts are understood:
   block has ``experts.{e}.c_fc``/``c_proj`` and ``gate`` instead of ``mlp``, plus Long-CLIP's
   ``positional_embedding_res`` for text positions >= 20.
 
+Files in the OpenAI layout are read by `read_checkpoint`: a ``torch.save`` state dict (safe loader only) or a
+TorchScript archive, the form of OpenAI's own CLIP ``.pt`` files. `stretch_text_positions` gives a text tower
+Long-CLIP's 248 positions, the starting point of the official CLIP-MoE.
+
 Every transform lists its keys explicitly, checks shapes, and loads strictly: a key that is missing, left over
 or of the wrong shape raises `CheckpointMismatchError` naming it.
 """
@@ -19,12 +23,15 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 from .checkpoint import CheckpointMismatchError, check_shapes
 from .configuration_clip_moe import MOE_CONFIG_FIELDS, CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
@@ -32,13 +39,16 @@ from .modeling_clip_moe import CLIPMoEModel, CLIPMoETextModel, CLIPMoEVisionMode
 
 __all__ = [
     "CheckpointMismatchError",
+    "LONGCLIP_TEXT_POSITIONS",
     "SUPPORTED_SOURCES",
     "load_official_clipmoe",
     "load_state_dict_checked",
     "moe_config_from_dense",
     "openai_layout_to_hf",
     "parse_moe_layers",
+    "read_checkpoint",
     "sparse_upcycle",
+    "stretch_text_positions",
     "upcycle_state_dict",
 ]
 
@@ -51,6 +61,8 @@ SUPPORTED_SOURCES = (
 # Long-CLIP (and so CLIP-MoE) keeps the first 20 text positions from `positional_embedding` and takes the
 # rest from `positional_embedding_res`.
 _LONGCLIP_KEEP_POSITIONS = 20
+# Long-CLIP's text length: OpenAI's 77 positions with the 57 after the first 20 stretched 4x (20 + 4 * 57).
+LONGCLIP_TEXT_POSITIONS = 248
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"):
@@ -59,6 +71,45 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     check_shapes(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """A TorchScript archive is a zip whose top folder holds ``constants.pkl`` (torch.load's own test)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def read_checkpoint(path: str | Path, where: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in a ``.pt``/``.pth``/``.bin`` file, on CPU.
+
+    A ``torch.save`` file goes through the safe loader (``weights_only=True``) only; a ``{"state_dict": ...}`` or
+    ``{"model": ...}`` wrapper (training checkpoints) is unwrapped. A TorchScript archive, the form of OpenAI's own
+    CLIP files, which the safe loader refuses, is read with ``torch.jit.load`` (it runs no pickled Python).
+    Any failure raises ``ValueError`` naming the file (``where`` prefixes the message, e.g. the flag).
+    """
+    path = Path(path)
+    prefix = f"{where}: " if where else ""
+    if _is_torchscript_archive(path):
+        try:
+            with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit as deprecated; these files need it
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as err:  # a damaged archive: RuntimeError from the reader
+            raise ValueError(f"{prefix}cannot read the TorchScript archive {path}: {err}") from None
+        return dict(state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or truncated file, or a pickle the safe loader refuses; never retried unsafely
+        raise ValueError(f"{prefix}cannot read {path} as a PyTorch state dict ({type(err).__name__}: {err})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not state \
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{prefix}{path} holds a {type(state).__name__}, not a state dict of named tensors")
+    return dict(state)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,12 +513,12 @@ def load_official_clipmoe(path_or_state_dict, num_experts: int | None = None, to
         source = str(path_or_state_dict)
         if not Path(source).is_file():
             raise FileNotFoundError(f"CLIP-MoE checkpoint not found: {source}")
-        sd = torch.load(source, map_location="cpu", weights_only=True)
+        sd = read_checkpoint(source)
     else:
         sd = path_or_state_dict
-    for wrapper in ("state_dict", "model"):
-        if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
-            sd = sd[wrapper]
+        for wrapper in ("state_dict", "model"):
+            if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
+                sd = sd[wrapper]
     config, state = openai_layout_to_hf(sd, vision_heads, text_heads, hidden_act, num_experts, top_k, source)
     if not isinstance(config, CLIPMoEConfig):
         raise CheckpointMismatchError(f"{source}: no 'experts.{{e}}.c_fc' keys, this is a dense CLIP checkpoint")
@@ -480,3 +531,56 @@ def load_official_clipmoe(path_or_state_dict, num_experts: int | None = None, to
     if "logit_scale" not in state:
         state["logit_scale"] = model.logit_scale.detach().clone()
     return load_state_dict_checked(model, state, source=source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Long-CLIP's text positions
+
+
+def stretch_text_positions(model: nn.Module, positions: int = LONGCLIP_TEXT_POSITIONS,
+                           keep: int = _LONGCLIP_KEEP_POSITIONS) -> nn.Module:
+    """Gives the text tower of ``model`` ``positions`` positions as Long-CLIP does (in place; returns ``model``).
+
+    The official CLIP-MoE starts every stage from Long-CLIP's ``load_from_clip``: of OpenAI's 77 positions the
+    first ``keep`` (20) are kept, and new position ``r >= keep`` sits at ``t = keep + (r - keep) / 4`` on the old
+    table: linearly interpolated between old rows ``floor(t)`` and ``floor(t) + 1``, and past the last old row
+    extrapolated along the last step (248 = 20 + 4 * 57 rows). For other lengths the step is
+    ``(old - keep) / (positions - keep)``, which is 1/4 for 77 -> 248. A text of at most ``keep`` tokens embeds
+    exactly as before. The config's ``max_position_embeddings``, the position table and the ``position_ids``
+    buffer follow; a CLIP-MoE records ``text_positions`` in its ``upcycling_info``.
+
+    ``model``: a transformers ``CLIPModel``/``CLIPTextModel`` or a CLIP-MoE one. A model that already has
+    ``positions`` positions is returned unchanged; fewer than it has raises ``ValueError``.
+    """
+    found = [m for m in model.modules() if isinstance(m, CLIPTextEmbeddings)]
+    if len(found) != 1:
+        raise TypeError(f"stretch_text_positions needs a CLIP with one text tower; {type(model).__name__} has "
+                        f"{len(found)}")
+    embeddings = found[0]
+    old = embeddings.position_embedding.weight
+    length = old.shape[0]
+    if positions == length:
+        return model
+    if positions < length:
+        raise ValueError(f"cannot stretch to {positions} text positions: the model already has {length}")
+    if not 0 <= keep < length or length < 2:
+        raise ValueError(f"keep={keep} text positions must be in 0..{length - 1} (the model has {length})")
+    with torch.no_grad():
+        table = old.detach().double()
+        where = keep + torch.arange(positions - keep, dtype=torch.float64) * (length - keep) / (positions - keep)
+        low = where.floor().long().clamp(max=length - 2)  # past the last row: extrapolate the last step
+        frac = (where - low)[:, None]
+        rows = table[low] * (1 - frac) + table[low + 1] * frac
+        new = nn.Embedding(positions, old.shape[1], device=old.device, dtype=old.dtype)
+        new.weight.copy_(torch.cat([table[:keep], rows]).to(old.dtype))
+    new.weight.requires_grad_(old.requires_grad)
+    embeddings.position_embedding = new
+    embeddings.position_ids = torch.arange(positions, device=embeddings.position_ids.device).expand((1, -1))
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    configs += [m.config for m in model.modules() if isinstance(getattr(m, "config", None), CLIPTextConfig)]
+    for config in configs:
+        if isinstance(config, CLIPTextConfig):
+            config.max_position_embeddings = positions
+    if isinstance(model.config, CLIPMoEConfig):
+        model.config.upcycling_info = {**(model.config.upcycling_info or {}), "text_positions": positions}
+    return model

@@ -8,7 +8,8 @@ Accepted specs (the error for anything else lists them):
 - ``open_clip:ARCH`` (random init), ``open_clip:ARCH:TAG`` (an open_clip pretrained tag; downloads) or
   ``open_clip:ARCH:FILE`` (a local checkpoint file);
 - a ``.pt``/``.pth``/``.bin`` file in the OpenAI layout: a dense OpenAI/open_clip CLIP or the official CLIP-MoE
-  release (experts detected from the keys);
+  release (experts detected from the keys), as a state dict (optionally wrapped as ``{"state_dict": ...}``) or a
+  TorchScript archive (OpenAI's own CLIP files);
 - any other string is taken as a Hugging Face hub id of a transformers CLIP (downloads; never used by tests).
 """
 
@@ -21,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel
 
 from .configuration_clip_moe import CLIPMoEConfig
-from .convert import SUPPORTED_SOURCES, load_official_clipmoe, open_clip_to_hf, openai_layout_to_hf
+from .convert import SUPPORTED_SOURCES, load_official_clipmoe, open_clip_to_hf, openai_layout_to_hf, read_checkpoint
 
 __all__ = ["BASE_SPECS", "load_clip", "tiny_clip_config"]
 
@@ -29,7 +30,8 @@ BASE_SPECS = (
     "tiny-random",
     "a local folder with a transformers CLIP or CLIP-MoE (config.json + safetensors)",
     "open_clip:ARCH[:PRETRAINED_TAG_OR_FILE]",
-    "a .pt/.pth/.bin OpenAI-layout state dict (dense CLIP or the official CLIP-MoE release)",
+    ("a .pt/.pth/.bin OpenAI-layout state dict or TorchScript archive (OpenAI CLIP, open_clip, or the official "
+     "CLIP-MoE release)"),
     "a Hugging Face hub id of a transformers CLIP",
 )
 
@@ -69,7 +71,7 @@ def load_clip(spec: str, seed: int = 0):
     if path.suffix in (".pt", ".pth", ".bin"):
         if not path.is_file():
             raise FileNotFoundError(f"--base {spec}: file not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path, where=f"--base {spec}")
         if any(re.search(r"\.experts\.\d+\.c_fc\.weight$", key) for key in state):  # official CLIP-MoE release
             return load_official_clipmoe(state, source=str(path))
         config, hf_state = openai_layout_to_hf(state, source=str(path))

@@ -19,6 +19,7 @@ own MoE models use, so no module keeps state between calls.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
         super()._init_weights(module)
         factor = self.config.initializer_factor
         if isinstance(module, CLIPMoERouter):
-            init.normal_(module.weight, std=self.config.initializer_range * factor)
+            # the official CLIP-MoE gate is a default nn.Linear: kaiming-uniform (a=sqrt(5)), U(+-1/sqrt(hidden))
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         elif isinstance(module, CLIPMoEExperts):
             cfg = self._tower_config_of(module)
             fc1_std = (2 * cfg.hidden_size) ** -0.5 * factor  # as transformers' CLIPMLP

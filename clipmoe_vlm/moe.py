@@ -48,7 +48,9 @@ class CLIPMoERouter(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.jitter_noise = jitter_noise
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as CLIP-MoE's gate
+        # nn.Linear's default, U(+-1/sqrt(hidden_size)), as the official CLIP-MoE gate; the CLIP-MoE models'
+        # _init_weights applies the same init, so a model's new routers get exactly this.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = F.linear(hidden_states, self.weight)  # (T, E)

@@ -158,10 +158,10 @@ def test_help_names_every_flag(capsys):
 
 def test_quick_smoke_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    benchmarks.main(["--quick", "--items", "moe_layer", "tower", "train", "generate", "data", "--dtypes", "fp32",
-                    "--repeats", "1", "--json", str(out)])
+    benchmarks.main(["--quick", "--items", "moe_layer", "tower", "train", "generate", "data", "loop", "--dtypes",
+                    "fp32", "--repeats", "1", "--json", str(out)])
     result = json.loads(out.read_text())
-    assert set(result["items"]) == {"moe_layer", "tower", "train", "generate", "data"}
+    assert set(result["items"]) == {"moe_layer", "tower", "train", "generate", "data", "loop"}
     for key in ("cpu", "logical_cores", "torch", "torch_threads", "load_average", "isa", "bf16_native"):
         assert key in result["machine_before"]
     row = result["items"]["moe_layer"][0]
@@ -175,6 +175,10 @@ def test_quick_smoke_writes_json(tmp_path):
     assert gen["moe_over_dense_tokens_per_s"] > 0 and gen["tokens_per_s"]["dense"] > 0
     data = result["items"]["data"]
     assert data["loader_samples_per_s"] > 0 and data["train_step_samples_per_s"] > 0
+    loop = {r["contender"]: r for r in result["items"]["loop"]}
+    assert set(loop) == {"loop_decoded", "loop_streaming"} and loop["loop_decoded"]["steps"] == 256 // 64
+    assert all(r["ratio_to_raw_step"] > 0 and len(r["times_s"]) == 1 for r in loop.values())
+    assert loop["loop_streaming"]["pass"] is None and isinstance(loop["loop_decoded"]["pass"], bool)
 
 
 def test_train_step_flops_count_sdpa_like_eager():

@@ -127,8 +127,9 @@ def test_bad_upcycling_requests(tiny_dense_clip):
 # ---- the official CLIP-MoE release format --------------------------------------------------------------------
 
 
-def to_official_layout(moe: CLIPMoEModel) -> dict[str, torch.Tensor]:
-    """Writes a CLIPMoEModel in the official release's OpenAI layout (the inverse mapping, spelled out)."""
+def to_official_layout(moe) -> dict[str, torch.Tensor]:
+    """Writes a CLIPMoEModel in the official release's OpenAI layout, or a dense CLIPModel in OpenAI's (the inverse
+    mapping, spelled out)."""
     sd = moe.state_dict()
     out = {
         "visual.conv1.weight": sd["vision_model.embeddings.patch_embedding.weight"],
@@ -156,6 +157,11 @@ def to_official_layout(moe: CLIPMoEModel) -> dict[str, torch.Tensor]:
             out[d + "attn.in_proj_bias"] = torch.cat([sd[s + f"self_attn.{p}_proj.bias"] for p in "qkv"])
             out[d + "attn.out_proj.weight"] = sd[s + "self_attn.out_proj.weight"]
             out[d + "attn.out_proj.bias"] = sd[s + "self_attn.out_proj.bias"]
+            if s + "mlp.fc1.weight" in sd:  # a dense block
+                for fc_src, fc_dst in (("fc1", "c_fc"), ("fc2", "c_proj")):
+                    out[d + f"mlp.{fc_dst}.weight"] = sd[s + f"mlp.{fc_src}.weight"]
+                    out[d + f"mlp.{fc_dst}.bias"] = sd[s + f"mlp.{fc_src}.bias"]
+                continue
             out[d + "gate.weight"] = sd[s + "mlp.gate.weight"]
             for e in range(sd[s + "mlp.experts.fc1_weight"].shape[0]):
                 out[d + f"experts.{e}.c_fc.weight"] = sd[s + "mlp.experts.fc1_weight"][e]
@@ -236,3 +242,128 @@ def test_official_release_shape_mismatch_and_unknown_format(official_checkpoint,
         load_official_clipmoe({"encoder.weight": torch.zeros(2)})
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_official_clipmoe(tmp_path / "nope.pt")
+
+
+# ---- OpenAI's own .pt files: TorchScript archives ------------------------------------------------------------
+
+
+class _Holder(torch.nn.Module):
+    """A module tree whose state dict has exactly the given flat names (OpenAI's archive holds such a tree)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, value in state.items():
+            module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, torch.nn.Module())
+                module = getattr(module, part)
+            if value.is_floating_point():
+                module.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+            else:
+                module.register_buffer(leaf, value.clone())
+
+    def forward(self, x):
+        return x * self.logit_scale
+
+
+def openai_clip(seed: int = 7):
+    """A tiny dense CLIP whose heads are 64 wide, as OpenAI's (so the head count is inferable), and its state dict
+    in OpenAI's layout with the three integer entries OpenAI's archives carry."""
+    from transformers import CLIPModel
+
+    from clipmoe_vlm.loading import tiny_clip_config
+
+    config = tiny_clip_config()
+    config.vision_config.num_attention_heads = config.text_config.num_attention_heads = 1
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    state = to_official_layout(model)
+    state.update(input_resolution=torch.tensor(64), context_length=torch.tensor(64), vocab_size=torch.tensor(49408))
+    return model, state
+
+
+def save_torchscript(state: dict[str, torch.Tensor], path):
+    import warnings
+
+    with warnings.catch_warnings():  # torch.jit is deprecated in recent torch; OpenAI's files are made with it
+        warnings.simplefilter("ignore")
+        archive = torch.jit.trace(_Holder(state).eval(), torch.ones(1))
+        torch.jit.save(archive, str(path))
+    return path
+
+
+def test_load_clip_reads_an_openai_torchscript_archive(tmp_path, pixel_values):
+    import zipfile
+
+    from clipmoe_vlm.loading import load_clip
+
+    model, state = openai_clip()
+    archive = save_torchscript(state, tmp_path / "ViT-tiny.pt")
+    with pytest.raises(RuntimeError, match="TorchScript"):  # what the safe loader alone does with it
+        torch.load(archive, weights_only=True)
+    assert any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(archive).namelist())
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    from_archive, from_plain = load_clip(str(archive)).eval(), load_clip(str(plain)).eval()
+    assert from_archive.state_dict().keys() == from_plain.state_dict().keys()
+    for key, value in from_archive.state_dict().items():
+        assert torch.equal(value, from_plain.state_dict()[key]), key
+    pixels = torch.nn.functional.interpolate(pixel_values, size=64)
+    tokens = torch.randint(1, 49000, (3, 12), generator=torch.Generator().manual_seed(8))
+    tokens[:, 9], tokens[:, 10:] = 49407, 0  # OpenAI's EOT (the highest id), zero padding
+    for got, want in zip(embeddings(from_archive, pixels, tokens), embeddings(model, pixels, tokens)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_load_clip_reads_an_official_release_saved_as_torchscript(tmp_path):
+    from transformers import CLIPModel
+
+    from clipmoe_vlm.loading import load_clip, tiny_clip_config
+
+    torch.manual_seed(9)
+    state = to_official_layout(sparse_upcycle(CLIPModel(tiny_clip_config()), num_experts=2, top_k=1))
+    loaded = load_clip(str(save_torchscript(state, tmp_path / "clip-moe.pt")))
+    assert isinstance(loaded, CLIPMoEModel) and loaded.config.vision_config.num_experts == 2
+    assert torch.equal(loaded.text_model.encoder.layers[1].mlp.gate.weight, state["transformer.resblocks.1.gate.weight"])
+
+
+def test_load_clip_unwraps_a_training_checkpoint(tmp_path):
+    from clipmoe_vlm.loading import load_clip
+
+    model, state = openai_clip()
+    path = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in state.items()}}, path)
+    loaded = load_clip(str(path))
+    assert torch.equal(loaded.text_projection.weight, model.text_projection.weight)
+
+
+def test_load_clip_names_an_unreadable_pt_file(tmp_path):
+    from clipmoe_vlm.loading import load_clip
+
+    _, state = openai_clip()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02this is not a checkpoint" * 10)
+    with pytest.raises(ValueError, match=r"--base .*corrupt\.pt.*cannot read .*corrupt\.pt"):
+        load_clip(str(corrupt))
+    plain = tmp_path / "truncated.pt"
+    torch.save(state, plain)
+    plain.write_bytes(plain.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"truncated\.pt"):
+        load_clip(str(plain))
+    archive = save_torchscript(state, tmp_path / "damaged.pt")
+    data = bytearray(archive.read_bytes())
+    start = data.find(b"constants.pkl")  # keep the zip's directory readable, break a member's bytes
+    data[60:start - 40] = bytes(len(data[60:start - 40]))
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"cannot read the TorchScript archive .*damaged\.pt"):
+        load_clip(str(archive))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"weights": [torch.zeros(1)], "optimizer": object.__new__(_Holder)}, pickled)
+    with pytest.raises(ValueError, match=r"pickled\.pt as a PyTorch state dict \(UnpicklingError"):  # no unsafe retry
+        load_clip(str(pickled))
+    not_a_state_dict = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], not_a_state_dict)
+    with pytest.raises(ValueError, match=r"list\.pt holds a list"):
+        load_clip(str(not_a_state_dict))

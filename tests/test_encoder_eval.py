@@ -427,3 +427,40 @@ def test_eval_encoder_main_runs_end_to_end_on_the_tiny_world(world, tiny_moe, sh
 def test_eval_encoder_rejects_flickr_without_images(tmp_path):
     with pytest.raises(SystemExit, match="--flickr-images"):
         eval_encoder.main(["--flickr-karpathy", str(tmp_path / "x.json")])
+
+
+def test_standard_errors_are_binomial_over_the_right_counts():
+    from clipmoe_vlm.evaluation import standard_errors
+
+    results = {
+        "retrieval": {"i2t_R@1": 0.5, "t2i_R@1": 0.2, "num_images": 100, "num_texts": 400},
+        "zeroshot/color": {"top1": 0.9, "mean_per_class": 0.9, "num_images": 25, "num_classes": 5},
+        "mmvp": {"Color": 0.5, "Shape": 1.0, "average": 0.75, "num_pairs": 20,
+                 "pairs_per_type": {"Color": 10, "Shape": 10}},
+    }
+    se = standard_errors(results)
+    assert se == pytest.approx({"retrieval/i2t_R@1": 0.05, "retrieval/t2i_R@1": 0.02, "zeroshot/color/top1": 0.06,
+                                "mmvp/Color": (0.025) ** 0.5, "mmvp/Shape": 0.0, "mmvp/average": 0.025 ** 0.5 / 2})
+
+
+def test_shapes_evaluation_reports_standard_errors_and_uses_the_worlds_prompts(world, tiny_moe, transform_and_tokenizer,
+                                                                              monkeypatch):
+    import clipmoe_vlm.evaluation.encoder as encoder
+    from clipmoe_vlm.data.shapes import DEFAULT_CONFIG
+    from clipmoe_vlm.data.shapes.encoder_sets import zeroshot_templates
+
+    seen = {}
+    original = encoder.zeroshot_classifier
+
+    def spy(model, classnames, templates, *args, **kwargs):
+        seen[tuple(classnames)] = list(templates)
+        return original(model, classnames, templates, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "zeroshot_classifier", spy)
+    metrics = evaluate_shapes_encoder(tiny_moe, *transform_and_tokenizer, world, batch_size=16, progress=False,
+                                      with_standard_errors=True)
+    shape_classes = tuple(sorted(DEFAULT_CONFIG.values("shape")))
+    assert seen[shape_classes] == zeroshot_templates("shape", DEFAULT_CONFIG)  # "the red {}.", "the blue {}.", ...
+    p = metrics["mmvp/Shape"]
+    assert metrics["mmvp/Shape/se"] == pytest.approx((p * (1 - p) / 2) ** 0.5)  # the tiny world: 2 pairs per type
+    assert {k.removesuffix("/se") for k in metrics if k.endswith("/se")} <= set(metrics)

@@ -372,3 +372,39 @@ def test_hf_path_column_resolves_beside_the_dataset(tmp_path, transform, tokeniz
     assert dataset.captions == CAPTIONS
     torch.testing.assert_close(torch.stack([dataset[i]["pixel_values"] for i in range(5)]), reference, rtol=0,
                                atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoded once: the in-memory pairs serve exactly the streaming dataset's items and batches
+
+
+def test_decoded_pairs_reproduce_the_streaming_batches_exactly(dataset_with_bad_images, tmp_path, tokenizer):
+    from clipmoe_vlm.data.decoded_pairs import DecodedPairs, fingerprint
+
+    streaming = dataset_with_bad_images
+    cache = tmp_path / "decoded"
+    built = DecodedPairs.from_dataset(streaming, cache, progress=False)
+    (cached_file,) = cache.glob("pairs-*.safetensors")
+    loaded = DecodedPairs.from_dataset(streaming, cache, progress=False)  # from the cache file
+    batches = [[7, 0, 3, 9], [2, 5, 1], [8, 4, 6]]
+    for decoded in (built, loaded):
+        for ids in batches:
+            want = collate_image_text([streaming[i] for i in ids])
+            got = collate_image_text([decoded[i] for i in ids])
+            assert torch.equal(got["pixel_values"], want["pixel_values"])
+            assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["index"], want["index"])
+            # the same images named for the same reason (PIL's message may carry an object address)
+            assert [(i, e.split(" (")[0]) for i, e in got["skipped"]] == [(i, e.split(" (")[0]) for i, e in
+                                                                           want["skipped"]]
+        loader = DataLoader(decoded, batch_sampler=batches, collate_fn=collate_image_text)
+        assert [b["index"].tolist() for b in loader] == [[7, 0, 9], [5], [8, 4]]
+    # the cache key follows the transform and the tokenizer: another image size or context is another file
+    other = ImageTextDataset(streaming.sources[0].spec.spec, clip_image_transform(IMAGE_SIZE + 2), tokenizer)
+    same_source = ImageTextDataset(streaming.sources[0].spec.spec, clip_image_transform(IMAGE_SIZE), tokenizer)
+    assert fingerprint(other) != fingerprint(same_source)
+    assert fingerprint(same_source) != fingerprint(
+        ImageTextDataset(streaming.sources[0].spec.spec, clip_image_transform(IMAGE_SIZE), open_clip_tokenizer(24)))
+    # a truncated cache file is rebuilt, not trusted
+    cached_file.write_bytes(cached_file.read_bytes()[:100])
+    rebuilt = DecodedPairs.from_dataset(streaming, cache, progress=False)
+    assert torch.equal(rebuilt.pixel_values, built.pixel_values)

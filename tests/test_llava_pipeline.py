@@ -491,3 +491,123 @@ def test_bad_inputs_give_one_clear_error_each(pretrained, tiny_world, tmp_path):
                          str(bad)] + _common(tiny_world, tmp_path / "z")))
     with pytest.raises(ValueError, match="QLoRA\\) needs --lora"):
         run(load_config(base + ["--bits", "4", "--data-path", str(bad)] + _common(tiny_world, tmp_path / "w")))
+
+
+# --------------------------------------------------------------------------- bad input through `clipmoe`
+# Each case: exit status 2 and one "error:" line, the last on stderr, naming the file / folder / questions.
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``clipmoe ARGS`` in this process: ``(status, stdout, stderr lines)``."""
+    from clipmoe_cli.main import main
+
+    monkeypatch.delenv("CLIPMOE_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["pytest"])  # the dispatcher rewrites it
+
+    def run(*argv):
+        status = main([str(arg) for arg in argv])
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if "error:" in line]
+        assert "Traceback" not in captured.err and len(errors) <= 1, captured.err
+        return status, captured.out, errors
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(llava_dir, tmp_path_factory):
+    """A LoRA run's folder on ``llava_dir``: adapter, non-LoRA trainables (projector), processor."""
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    configure_trainable(peft_model, "finetune", lora=True)
+    folder = tmp_path_factory.mktemp("lora")
+    save_lora(peft_model, folder, base_folder=llava_dir)
+    AutoProcessor.from_pretrained(llava_dir).save_pretrained(folder)
+    return folder
+
+
+def test_merge_lora_without_non_lora_trainables_names_the_file(lora_adapter, tmp_path, cli):
+    import shutil
+
+    from clipmoe_vlm.llava.lora import NON_LORA_FILE
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    (adapter / NON_LORA_FILE).unlink()
+    status, out, errors = cli("merge-lora", adapter, tmp_path / "merged")
+    assert status == 2 and out == ""
+    assert errors == [(f"error: {adapter / NON_LORA_FILE} not found: a LoRA run saves the projector (and any "
+                       "trained routers / experts) there next to the adapter; without it the base model's would be "
+                       "used")]
+    assert not (tmp_path / "merged").exists()
+
+
+def test_infer_and_merge_name_a_clip_moe_folder_given_for_llava(tower_dir, lora_adapter, tmp_path, cli):
+    expected = ("is a CLIP-MoE folder (use it as --vision-tower of `clipmoe train-llava`): its config.json has "
+                "model_type 'clip_moe', expected 'llava' (a folder saved by `clipmoe train-llava` or "
+                "`clipmoe merge-lora`)")
+    status, _, errors = cli("infer", "--model", tower_dir, "--question", "what is it?", "--device", "cpu")
+    assert status == 2 and errors == [f"error: LLaVA folder {tower_dir} {expected}"]
+    status, _, errors = cli("merge-lora", lora_adapter, tmp_path / "merged", "--base", tower_dir)
+    assert status == 2 and errors == [f"error: LoRA base folder {tower_dir} {expected}"]
+    assert not (tmp_path / "merged").exists()
+
+
+def test_batch_infer_writes_the_answers_it_can_and_names_the_rest(llava_dir, tmp_path, cli):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for number in range(13):
+        Image.new("RGB", (40, 30), (20 * number, 100, 50)).save(images / f"q{number}.png")
+        rows.append({"question_id": number, "image": f"q{number}.png", "text": "what color is the circle?"})
+    rows.append({"question_id": 13, "text": "describe the image briefly"})  # text-only
+    truncated = images / "q2.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    (images / "q12.png").unlink()  # question 13 of 14
+    questions, answers = tmp_path / "questions.jsonl", tmp_path / "out" / "answers.jsonl"
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    status, out, errors = cli("infer", "--model", llava_dir, "--questions", questions, "--image-folder", images,
+                              "--answers-file", answers, "--batch-size", "4", "--max-new-tokens", "2",
+                              "--device", "cpu")
+    assert status == 2
+    written = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [a["question_id"] for a in written] == [0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]
+    assert all(isinstance(a["text"], str) for a in written)
+    assert f"wrote 12 answers to {answers}" in out
+    (line,) = errors
+    assert line.startswith(f"error: 2 of 14 questions not answered (question_id 2, 12): question 2: image "
+                           f"{truncated} cannot be read: ")
+    assert line.endswith(f"; question 12: image {images / 'q12.png'} not found; the 12 answers are in {answers}")
+
+    status, _, errors = cli("infer", "--model", llava_dir, "--image", images / "q12.png", "--question", "what?",
+                            "--device", "cpu")
+    assert status == 2 and errors == [f"error: --image: image {images / 'q12.png'} not found"]
+
+
+def test_training_reports_skipped_and_repaired_samples(pretrained, tiny_world, tmp_path, capsys):
+    from clipmoe_vlm.llava.train import load_config, run
+
+    records = [r for r in json.loads((tiny_world / "llava" / "instruct.json").read_text()) if "image" in r][:4]
+    records = json.loads(json.dumps(records))
+    _, missing, no_token, two_tokens = records  # the first one is usable
+    missing["image"] = "images/instruct/gone.png"
+    no_token["conversations"][0]["value"] = no_token["conversations"][0]["value"].replace("<image>", "").strip()
+    two_tokens["conversations"][0]["value"] = "<image>\n<image>\n" + two_tokens["conversations"][0]["value"]
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    capsys.readouterr()
+    # 4 records, batch 4, one epoch: each record is drawn once; a skipped one is replaced by the next usable one
+    # of its modality (missing -> no_token, two_tokens -> the first), so no_token is repaired twice
+    run(load_config(["--stage", "finetune", "--model", str(pretrained.output_dir), "--data-path", str(data),
+                     *_common(tiny_world, tmp_path / "out")]))
+    report = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[train")]
+    tail = report[report.index(f"saved {tmp_path / 'out'}") + 1:]
+    gone = tiny_world / "llava" / "images" / "instruct" / "gone.png"
+    assert tail == [
+        "data: 4 samples served; counted per sample drawn (a record drawn in every epoch counts every time)",
+        "skipped (the next usable sample served instead): 2: missing_image 1, bad_image_placeholder 1",
+        "repaired or changed: image_placeholder_added 2, truncated 4",  # the instructions exceed 320 tokens
+        f"  missing image: record 1 (id={missing['id']!r}): {gone}",
+        ("  the counters keep no record ids for the other reasons; --strict stops at the first record with a "
+         "malformed conversation or <image> placeholder, naming it"),
+    ]

@@ -178,3 +178,66 @@ def test_analyze_routing_main_rejects_bad_layers_and_inputs(world, model_dir, tm
         script.main(["--model", str(model_dir), "--images", images, "--layers", "7", "--output", str(tmp_path)])
     with pytest.raises(SystemExit, match="expected a folder of images or a .jsonl file"):
         script.main(["--model", str(model_dir), "--images", str(world / "manifest.json"), "--output", str(tmp_path)])
+
+
+# bad inputs through the `clipmoe` dispatcher: one "error:" line naming the file, exit status 2
+def _truncated_copy(source: Path, target: Path) -> Path:
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
+
+
+def test_analyze_routing_names_an_empty_jsonl(model_dir, tmp_path, capsys, monkeypatch):
+    from clipmoe_cli.main import main
+
+    monkeypatch.delenv("CLIPMOE_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["analyze-routing", "--model", str(model_dir), "--images", str(empty), "--output",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: --images {empty}: the file has no lines (expected JSONL with an "
+                                       "\"image\" per line)\n")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.png")
+    assert main(["analyze-routing", "--model", str(model_dir), "--images", str(folder), "--captions", str(empty),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: --captions {empty}: the file has no lines (expected JSONL with a "
+                                       "\"caption\" per line)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_analyze_routing_names_a_truncated_image(world, model_dir, tmp_path, capsys, monkeypatch):
+    from clipmoe_cli.main import main
+
+    monkeypatch.delenv("CLIPMOE_TRACEBACK", raising=False)
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    # importing lmms-eval (other tests do) sets PIL's LOAD_TRUNCATED_IMAGES for the whole process
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", False)
+    rows = [json.loads(line) for line in (world / "clip_train" / "captions.jsonl").read_text().splitlines()][:3]
+    for row in rows:
+        (tmp_path / row["image"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / row["image"]).write_bytes((world / "clip_train" / row["image"]).read_bytes())
+    broken = _truncated_copy(world / "clip_train" / rows[1]["image"], tmp_path / rows[1]["image"])
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["analyze-routing", "--model", str(model_dir), "--images", str(jsonl), "--output",
+                 str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err  # before the error: transformers' "Loading weights" progress bar
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert err.splitlines()[-1] == (f"error: --images {jsonl}: image {broken} cannot be read: image file is "
+                                    "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_names_a_lazily_opened_truncated_image(tiny_moe, world, tmp_path, monkeypatch):
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", False)  # see the test above
+    source = world / "clip_train" / json.loads((world / "clip_train" / "captions.jsonl").read_text()
+                                               .splitlines()[0])["image"]
+    broken = _truncated_copy(source, tmp_path / "broken.png")
+    transform = clip_image_transform(tiny_moe.config.vision_config.image_size)
+    pattern = rf"analyze_routing: image 1 \({broken}\) cannot be read: "
+    # PIL decodes only when the pixels are needed: the truncation shows inside analyze_routing
+    with Image.open(source) as good, Image.open(broken) as lazy, pytest.raises(ValueError, match=pattern):
+        analyze_routing(tiny_moe, [good.convert("RGB"), lazy], transform, tmp_path / "out", progress=False)

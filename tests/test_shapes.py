@@ -586,6 +586,15 @@ def test_zeroshot_class_folders(world):
         templates = json.loads((folder / attribute / "templates.json").read_text())
         assert classes == sorted(p.name for p in (folder / attribute).iterdir() if p.is_dir())
         assert len(classes) == len(config.values(attribute)) and all("{}" in t for t in templates)
+        # every prompt names the colour and shape every training caption states (the class fills one of them)
+        for nuisance in {"color", "shape"} - {attribute} if attribute != "count" else ():
+            assert all(any(f" {v} " in f" {t.rstrip('.')} " for v in config.values(nuisance)) for t in templates)
+    assert json.loads((folder / "shape" / "templates.json").read_text()) == [
+        f"the {c} {{}}." for c in config.values("color")]
+    assert len(json.loads((folder / "size" / "templates.json").read_text())) == (
+        len(config.values("color")) * len(config.values("shape")))
+    for attribute in S.ATTRIBUTES:
+        classes = json.loads((folder / attribute / "classnames.json").read_text())
         for name in classes:
             images = sorted((folder / attribute / name).glob("*.png"))
             assert len(images) == SMALL["n_zeroshot_per_class"]

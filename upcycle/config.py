@@ -79,9 +79,15 @@ class AuxLosses:
 @dataclass
 class Inputs:
     context_length: int | None = setting(None, "text tokens (default: the base's max positions)")
+    text_positions: int | None = setting(None, "stretch a base with fewer text positions to this many as "
+                                               "Long-CLIP (first 20 kept, the rest interpolated; 248: the "
+                                               "official CLIP-MoE's start); default: the base's own")
     val_fraction: float = setting(0.05, "pairs held out for the final retrieval check")
     max_samples: int | None = setting(None, "use only the first N pairs (default: all)")
-    num_workers: int = setting(2, "data loader workers per process")
+    num_workers: int = setting(2, "data loader workers per process (0 when the pairs are decoded once)")
+    decode_once: bool | None = setting(None, "decode, transform and tokenize every pair once and train from tensors "
+                                             "held in memory (cached under $CLIPMOE_CACHE/decoded); default: when "
+                                             "the pixels fit in 2 GiB")
 
 
 @dataclass

@@ -19,9 +19,9 @@ from clipmoe_vlm.defaults import base_dir, ensure_world
 from clipmoe_vlm.loading import tiny_clip_config
 
 from .config import UpcycleConfig
-from .recipes import make_engine, run_upcycling, stage, validation_split
+from .recipes import decode_once, make_engine, run_upcycling, stage, validation_split
 
-__all__ = ["pretrain_shapes_base", "resolve_defaults", "run_comparison"]
+__all__ = ["evaluate_on_world", "pretrain_shapes_base", "resolve_defaults", "run_comparison"]
 
 
 def resolve_defaults(cfg: UpcycleConfig, accelerator) -> UpcycleConfig:
@@ -62,6 +62,7 @@ def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
     model = CLIPModel(config)
     dataset = ImageTextDataset(cfg.data, clip_image_transform(config.vision_config.image_size),
                                open_clip_tokenizer(config.text_config.max_position_embeddings))
+    dataset = decode_once(dataset, cfg.inputs.decode_once, accelerator)
     labels = validation_split(len(dataset), cfg.inputs.val_fraction, seed)  # the pairs the recipes hold out
     engine = make_engine(cfg, accelerator, dataset, out / "work", lambda record: None)
     model, summary = engine.train_stage(model, stage(
@@ -80,14 +81,24 @@ def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
 def _evaluate(path: Path, world: Path, batch_size: int) -> dict:
     from transformers import AutoModel
 
-    from clipmoe_vlm.evaluation.encoder import evaluate_shapes_encoder
+    return evaluate_on_world(AutoModel.from_pretrained(path).eval(), world, batch_size)
+
+
+def evaluate_on_world(model, world: Path, batch_size: int = 128) -> dict:
+    """The comparison table's metrics of ``model`` on the world's held-out encoder sets, with standard errors."""
+    from clipmoe_vlm.evaluation import evaluate_shapes_encoder
     from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 
-    model = AutoModel.from_pretrained(path).eval()
     transform = clip_image_transform(model.config.vision_config.image_size)
     tokenizer = open_clip_tokenizer(model.config.text_config.max_position_embeddings)
-    metrics = evaluate_shapes_encoder(model, transform, tokenizer, world, batch_size=batch_size, progress=False)
-    return {k: v for k, v in metrics.items() if _HEADLINE(k)}
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = evaluate_shapes_encoder(model, transform, tokenizer, world, batch_size=batch_size, progress=False,
+                                          with_standard_errors=True)
+    finally:
+        model.train(was_training)
+    return {k: v for k, v in metrics.items() if _HEADLINE(k.removesuffix("/se"))}
 
 
 def _HEADLINE(key: str) -> bool:
@@ -100,7 +111,9 @@ def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
     out = Path(cfg.output)
     steps_epochs = cfg.mcl_stages() + 1  # dmu: one epoch per MCL stage plus one of router tuning
     runs = {"dmu": out}
-    run_upcycling(dataclasses.replace(cfg, recipe="dmu"), accelerator, argv)
+    world = Path(cfg.data[0]).parents[1]
+    run_upcycling(dataclasses.replace(cfg, recipe="dmu"), accelerator, argv,
+                  evaluate=lambda model: evaluate_on_world(model, world))  # per-stage diagnostics on the world
     for recipe in ("dense", "clip-up"):
         target = out.parent / f"{out.name}-{recipe}"
         optim = dataclasses.replace(cfg.optim, epochs=cfg.optim.epochs * steps_epochs)
@@ -109,7 +122,6 @@ def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return out
-    world = Path(cfg.data[0]).parents[1]
     rows = {"dense base": _evaluate(Path(cfg.base), world, 128)}
     for name in ("dense", "clip-up", "dmu"):
         rows[name] = _evaluate(runs[name], world, 128)
@@ -124,15 +136,20 @@ def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
 
 
 def comparison_table(rows: dict[str, dict], expert_load: dict | None = None) -> str:
+    """Percent per metric and model, with the binomial standard error of each figure (``± se``)."""
     keys = []
     for metrics in rows.values():
-        keys += [k for k in metrics if k not in keys and isinstance(metrics[k], (int, float))]
+        keys += [k for k in metrics if k not in keys and not k.endswith("/se") and isinstance(metrics[k], (int, float))]
     lines = ["| metric | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
     for key in keys:
-        values = [rows[name].get(key) for name in rows]
-        cells = [f"{v * 100:.1f}" if isinstance(v, float) else str(v) for v in values]
+        cells = []
+        for name in rows:
+            value, se = rows[name].get(key), rows[name].get(f"{key}/se")
+            cell = f"{value * 100:.1f}" if isinstance(value, float) else str(value)
+            cells.append(cell + (f" ± {se * 100:.1f}" if isinstance(se, float) else ""))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    text = "Encoder metrics on the Shapes world's held-out sets (percent):\n\n" + "\n".join(lines) + "\n"
+    text = ("Encoder metrics on the Shapes world's held-out sets (percent ± one binomial standard error):\n\n"
+            + "\n".join(lines) + "\n")
     if expert_load:
         text += "\nExpert usage of the dmu model (fraction of assignments per expert, per MoE layer):\n\n"
         for tower, layers in expert_load.items():

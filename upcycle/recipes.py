@@ -27,14 +27,16 @@ import torch
 import yaml
 
 from clipmoe_vlm import CLIPMoEModel
-from clipmoe_vlm.convert import load_state_dict_checked, sparse_upcycle, upcycle_state_dict
+from clipmoe_vlm.convert import load_state_dict_checked, sparse_upcycle, stretch_text_positions, upcycle_state_dict
+from clipmoe_vlm.defaults import cache_dir
 from clipmoe_vlm.loading import load_clip
 
 from .config import UpcycleConfig
+from .diagnostics import expert_diversity, stage_table
 from .engine import Engine, StageSpec, embed_pairs, paired_recall
 from .mcl import accumulate_labels, kmeans_labels
 
-__all__ = ["make_engine", "run_upcycling", "stage", "validation_split"]
+__all__ = ["decode_once", "make_engine", "run_upcycling", "stage", "validation_split"]
 
 _MLP = re.compile(r"\.mlp\.fc[12]\.(weight|bias)$")
 
@@ -73,9 +75,31 @@ def validation_split(n: int, val_fraction: float, seed: int) -> np.ndarray:
     return labels
 
 
+def decode_once(dataset, decode: bool | None, accelerator):
+    """``dataset`` as `DecodedPairs` (decoded once, cached) when asked, or by default when its pixels fit in
+    memory; the streaming dataset otherwise. The main process decodes and caches; the others load the cache."""
+    from clipmoe_vlm.data.decoded_pairs import DEFAULT_MEMORY_LIMIT, DecodedPairs, decoded_bytes
+
+    if decode is None:
+        decode = decoded_bytes(dataset) <= DEFAULT_MEMORY_LIMIT
+    if not decode:
+        return dataset
+    cache = cache_dir() / "decoded"
+    if accelerator.is_main_process:
+        decoded = DecodedPairs.from_dataset(dataset, cache)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        decoded = DecodedPairs.from_dataset(dataset, cache, progress=False)
+    return decoded
+
+
 def make_engine(cfg: UpcycleConfig, accelerator, dataset, work_dir: Path, log) -> Engine:
     run = cfg.run
-    return Engine(accelerator, dataset, work_dir, log, seed=run.seed, num_workers=cfg.inputs.num_workers,
+    from clipmoe_vlm.data.decoded_pairs import DecodedPairs
+
+    # decoded pairs are tensors in memory: loader worker processes would only add inter-process copies
+    workers = 0 if isinstance(dataset, DecodedPairs) else cfg.inputs.num_workers
+    return Engine(accelerator, dataset, work_dir, log, seed=run.seed, num_workers=workers,
                   resume=run.resume, save_every=run.save_every, stop_after_steps=run.stop_after_steps)
 
 
@@ -85,7 +109,7 @@ def _cluster(engine: Engine, model, train_idx: np.ndarray, previous, cfg: Upcycl
     if path.is_file():
         return np.load(path)
     image, text, valid, _ = embed_pairs(model, engine.dataset, train_idx.tolist(), cfg.optim.batch_size, acc,
-                                        cfg.inputs.num_workers, desc=f"embed for stage {stage}")
+                                        engine.num_workers, desc=f"embed for stage {stage}")
     ok = valid.numpy()
     labels = np.full(len(engine.dataset), -1, dtype=np.int64)
     if acc.is_main_process:
@@ -104,8 +128,29 @@ def _cluster(engine: Engine, model, train_idx: np.ndarray, previous, cfg: Upcycl
     return labels
 
 
-def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None) -> Path:
-    """Runs ``cfg.recipe`` and writes the output folder; returns its path."""
+def _held_out(model, dataset, val_idx, engine, batch_size: int, evaluate, desc: str) -> dict:
+    """Held-out retrieval of ``model`` on the validation pairs, plus ``evaluate(model)`` (main process) if given."""
+    metrics: dict = {}
+    if len(val_idx):
+        image, text, valid, _ = embed_pairs(model, dataset, val_idx.tolist(), batch_size, engine.acc,
+                                            engine.num_workers, desc=desc)
+        metrics.update({f"held_out/{k}": v for k, v in paired_recall(image[valid], text[valid]).items()})
+    if evaluate is not None and engine.acc.is_main_process:
+        metrics.update(evaluate(model))
+    return metrics
+
+
+def _token_sample(dataset, val_idx, limit: int = 64) -> dict | None:
+    """Up to ``limit`` readable held-out pairs as one batch (the tokens the expert diversity is measured on)."""
+    from clipmoe_vlm.data.image_text import collate_image_text
+
+    batch = collate_image_text([dataset[int(i)] for i in val_idx[:limit]])
+    return batch if batch["pixel_values"] is not None else None
+
+
+def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None, evaluate=None) -> Path:
+    """Runs ``cfg.recipe`` and writes the output folder; returns its path. ``evaluate(model) -> {metric:
+    fraction}`` adds metrics to dmu's per-stage diagnostics (the embedded default passes the Shapes world's)."""
     from clipmoe_vlm.data.image_text import ImageTextDataset
     from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 
@@ -122,10 +167,20 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     base = load_clip(cfg.base, seed=cfg.run.seed)
     if isinstance(base, CLIPMoEModel) and cfg.recipe != "dense":
         raise ValueError(f"--base {cfg.base} is already a CLIP-MoE; recipe {cfg.recipe} needs a dense CLIP")
+    if cfg.inputs.text_positions is not None:  # as the official DMU's load_from_clip (Long-CLIP)
+        try:
+            stretch_text_positions(base, cfg.inputs.text_positions)
+        except ValueError as err:
+            raise ValueError(f"--text-positions {cfg.inputs.text_positions} (--base {cfg.base}): {err}") from None
     base.requires_grad_(False)
-    context = cfg.inputs.context_length or base.config.text_config.max_position_embeddings
+    text_positions = base.config.text_config.max_position_embeddings
+    context = cfg.inputs.context_length or text_positions
+    if context > text_positions:
+        raise ValueError(f"--context-length {context} exceeds the base's {text_positions} text positions "
+                         "(--text-positions stretches them)")
     dataset = ImageTextDataset(cfg.data, clip_image_transform(base.config.vision_config.image_size),
                                open_clip_tokenizer(context), max_samples=cfg.inputs.max_samples)
+    dataset = decode_once(dataset, cfg.inputs.decode_once, acc)
     acc.print(dataset.describe())
     acc.print(f"{acc.num_processes} processes ({acc.distributed_type}), global batch "
               f"{cfg.optim.batch_size * acc.num_processes}")
@@ -142,6 +197,7 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     summaries = []
 
     optim, moe_shape = cfg.optim, cfg.moe
+    diversity = None
     if cfg.recipe == "dense":
         model, summary = engine.train_stage(copy.deepcopy(base), stage(
             cfg, "dense", optim.dense_trainable, optim.dense_lr, optim.dense_weight_decay, split))
@@ -154,11 +210,14 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
         summaries.append(summary)
     else:  # dmu
         labels, current, expert_ffns = None, base, [base.state_dict()]
+        diagnostics = {"base": _held_out(base, dataset, val_idx, engine, optim.batch_size, evaluate, "diagnose base")}
         for s in range(1, cfg.mcl_stages() + 1):
             labels = _cluster(engine, current, train_idx, labels, cfg, s, work / f"labels-stage{s}.npy")
             stage_model, summary = engine.train_stage(copy.deepcopy(base), stage(
                 cfg, f"mcl-{s}", "mcl", optim.mcl_lr, optim.mcl_weight_decay, labels, leftover=cfg.mcl.mcl_leftover))
             summaries.append(summary)
+            diagnostics[f"mcl-{s}"] = _held_out(stage_model, dataset, val_idx, engine, optim.batch_size, evaluate,
+                                                f"diagnose mcl-{s}")
             expert_ffns.append({k: v for k, v in stage_model.state_dict().items() if _MLP.search(k)})
             current = stage_model
         torch.manual_seed(cfg.run.seed)  # the routers' initialisation
@@ -166,17 +225,21 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
         sources = [expert_ffns[0]] + [{**expert_ffns[0], **ffn} for ffn in expert_ffns[1:]]
         load_state_dict_checked(moe, upcycle_state_dict(expert_ffns[0], moe, expert_sources=sources),
                                 source="assembled experts")
+        tokens = _token_sample(dataset, val_idx) if acc.is_main_process else None
+        if tokens is not None:
+            diversity = expert_diversity(moe, tokens["pixel_values"], tokens["input_ids"])
         model, summary = engine.train_stage(moe, stage(
             cfg, "router", "router", optim.router_lr, optim.router_weight_decay, split, router_losses=True))
         summaries.append(summary)
 
     # ---- evaluation on the held-out pairs, model card
     metrics = {}
+    stage_report = {"stage_diagnostics": diagnostics, "expert_diversity": diversity} if cfg.recipe == "dmu" else {}
     if len(val_idx):
         for name, m in (("base", base), ("result", model)):
             is_moe = isinstance(m, CLIPMoEModel)
             image, text, valid, load = embed_pairs(m, dataset, val_idx.tolist(), optim.batch_size, acc,
-                                                   cfg.inputs.num_workers, output_router_logits=is_moe,
+                                                   engine.num_workers, output_router_logits=is_moe,
                                                    desc=f"eval {name}")
             metrics[name] = paired_recall(image[valid], text[valid])
             if load:
@@ -184,11 +247,12 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     skipped = engine.skipped
     if acc.is_main_process:
         model.config.upcycling_info = {"recipe": cfg.recipe, "base": cfg.base, "data": list(cfg.data),
-                                       "seed": cfg.run.seed} if isinstance(model, CLIPMoEModel) else None
+                                       "seed": cfg.run.seed, "text_positions": text_positions} \
+            if isinstance(model, CLIPMoEModel) else None
         model.save_pretrained(out)
         report = {"recipe": cfg.recipe, "stages": summaries, "validation": metrics, "skipped_images": skipped,
                   "skipped_examples": [list(map(str, s)) for s in engine.skipped_examples],
-                  "pairs": len(dataset), "validation_pairs": int(len(val_idx))}
+                  "pairs": len(dataset), "validation_pairs": int(len(val_idx)), **stage_report}
         (out / "summary.json").write_text(json.dumps(report, indent=1, default=str))
         (out / "README.md").write_text(model_card(cfg, report, dataset.describe(), argv))
     acc.wait_for_everyone()
@@ -198,8 +262,23 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
             for i, row in enumerate(rows):
                 acc.print(f"expert usage {tower} MoE layer {i}: " + " ".join(f"{x:.2f}" for x in row))
     acc.print(f"validation: {json.dumps(metrics.get('base', {}))} (base) -> {json.dumps(metrics.get('result', {}))}")
+    if stage_report:
+        acc.print("\n" + diagnostics_text(stage_report))
     acc.print(f"wrote {out}")
     return out
+
+
+def diagnostics_text(report: dict) -> str:
+    """dmu's per-stage table and the experts' output similarity per MoE layer (for the log and the card)."""
+    text = ("What each MCL stage changed (percent ± binomial s.e.; held_out: the run's validation pairs):\n\n"
+            + stage_table(report["stage_diagnostics"]))
+    diversity = report.get("expert_diversity")
+    if diversity:
+        text += "\nExpert diversity of the assembled MoE (mean pairwise cosine of expert outputs on held-out tokens; " \
+                "1.00 = identical experts), per MoE layer:\n\n"
+        for tower, values in diversity.items():
+            text += f"- {tower}: " + " ".join(f"{c:.2f}" for c in values["output_cosine"]) + "\n"
+    return text
 
 
 def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) -> str:
@@ -209,6 +288,9 @@ def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) ->
                   f"base `{cfg.base}`.", ""]
     else:
         lines += [f"Dense baseline: continued contrastive training of `{cfg.base}`.", ""]
+    if cfg.inputs.text_positions is not None:
+        lines += [(f"Text positions: {cfg.inputs.text_positions} (`--text-positions`; a base with fewer is "
+                   "stretched as Long-CLIP: the first 20 kept, the rest interpolated)."), ""]
     command = "python scripts/upcycle_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines += ["## How it was made", "", f"```\n{command.strip()}\n```", "", "Data:", "", "```",
               data_description, "```", "", f"Pairs: {report['pairs']} ({report['validation_pairs']} held out for "
@@ -230,6 +312,8 @@ def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) ->
             for tower, rows in val["expert_load"].items():
                 lines += [f"{tower}:", ""] + [f"- layer {i}: " + ", ".join(f"{x:.2f}" for x in r)
                                              for i, r in enumerate(rows)] + [""]
+    if report.get("stage_diagnostics"):
+        lines += ["", "## MCL stage diagnostics", "", diagnostics_text(report)]
     lines += ["", "## Loading", "", "```python", "import clipmoe_vlm", "from transformers import AutoModel",
               f"model = AutoModel.from_pretrained({str(Path(cfg.output))!r})", "```", "",
               "Files: `metrics.jsonl` (one line per step), `summary.json`, `run_config.yaml` (the resolved settings), "

@@ -22,10 +22,14 @@ Items (``--items``):
 - ``data``: `clipmoe_vlm.data.image_text.ImageTextDataset` + `collate_image_text` through a 2-worker
   DataLoader, samples/s, vs the samples/s an MCL training step of the tiny Shapes CLIP-MoE consumes at batch 32.
   Target >= 1.
+- ``loop``: the upcycling engine's whole training loop (one epoch of `Engine.train_stage`: sampler, loader,
+  collate, logging, progress bar, final save) vs the raw training step on a batch in memory, samples/s, same
+  tiny CLIP and batch; with the pairs decoded once (`clipmoe_vlm.data.decoded_pairs`) and streaming. Target
+  >= 0.9 decoded.
 
 Modules: `timing` (interleaved timing, machine description, FLOP counts), `models` (sizes and model builders),
 `moe` (``moe_layer``, ``tower``, their contenders and profiles), `training` (``train``, ``generate``), `data`
-(``data``), `report` (the Markdown table); this one holds the plan, the driver and the command line.
+(``data``), `loop` (``loop``), `report` (the Markdown table); this one holds the plan, the driver and the command line.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import clipmoe_vlm  # noqa: F401  # isort: skip
 import torch
 
 from .data import bench_data
+from .loop import bench_loop
 from .moe import bench_moe_layer, bench_tower, profile_moe, profile_tower
 from .report import markdown_table
 from .timing import machine_info
@@ -47,7 +52,7 @@ from .training import bench_generate, bench_train
 
 __all__ = ["ITEMS", "TARGETS", "build_parser", "main", "plan", "run_benchmarks"]
 
-ITEMS = ("moe_layer", "tower", "train", "generate", "data")
+ITEMS = ("moe_layer", "tower", "train", "generate", "data", "loop")
 
 TARGETS = {
     "moe_layer": "moe_time / dense_equal_flops_time <= 1.05",
@@ -55,6 +60,7 @@ TARGETS = {
     "train": "achieved_flops_per_s / peak_matmul_flops_per_s >= 0.50 (fp32)",
     "generate": "moe_tokens_per_s / dense_tokens_per_s >= 0.95",
     "data": "loader_samples_per_s / train_step_samples_per_s >= 1.0",
+    "loop": "engine_loop_samples_per_s / raw_train_step_samples_per_s >= 0.90 (pairs decoded once)",
 }
 
 _LM_100M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -74,6 +80,7 @@ def plan(quick: bool) -> dict:
                                                  num_attention_heads=4, num_key_value_heads=2),
                                          new_tokens=16, repeats=5)]),
             "data": dict(num_images=128, batch=32, workers=2, repeats=3),
+            "loop": dict(num_images=256, batch=64, workers=2, repeats=2),
         }
     return {
         "moe_layer": dict(cases=[("vit-b16", "fp32", 8, 7), ("vit-l14-336", "fp32", 8, 5),
@@ -88,6 +95,8 @@ def plan(quick: bool) -> dict:
                                 dict(name="tower-heavy", vision_size="vit-b16", vision_layers=12, lm=_LM_100M,
                                      new_tokens=32, repeats=3)]),
         "data": dict(num_images=512, batch=32, workers=2, repeats=5),
+        # the embedded default's tiny CLIP at the base's batch size, over one epoch of 1,024 pairs
+        "loop": dict(num_images=1024, batch=64, workers=2, repeats=3),
     }
 
 
@@ -129,6 +138,8 @@ def run_benchmarks(items=ITEMS, quick: bool = False, dtypes=("fp32", "bf16"), js
             result["items"][item] = [bench_generate(log=log, **c) for c in p[item]["cases"]]
         elif item == "data":
             result["items"][item] = bench_data(log=log, **p[item])
+        elif item == "loop":
+            result["items"][item] = bench_loop(log=log, **p[item])
         else:
             raise ValueError(f"unknown item {item!r}; valid: {', '.join(ITEMS)}")
         log(f"  ({item}: {time.perf_counter() - t0:.1f} s)")

@@ -11,7 +11,8 @@ def markdown_table(result: dict) -> str:
     lines = ["| item | case | measured | ratio | target | |", "| --- | --- | --- | --- | --- | --- |"]
 
     def add(item, case, measured, ratio, target, ok):
-        lines.append(f"| {item} | {case} | {measured} | {ratio} | {target} | {'ok' if ok else '**miss**'} |")
+        mark = "" if ok is None else "ok" if ok else "**miss**"  # None: a reference row without a target
+        lines.append(f"| {item} | {case} | {measured} | {ratio} | {target} | {mark} |")
 
     items = result["items"]
     for r in items.get("moe_layer", []):
@@ -48,4 +49,8 @@ def markdown_table(result: dict) -> str:
         add("data pipeline", f"{r['images']} {r['image_size']}px PNGs, batch {r['batch']}, {r['workers']} workers",
             f"loader {r['loader_samples_per_s']:.0f} samples/s, MCL step (tiny CLIP-MoE) "
             f"{r['train_step_samples_per_s']:.0f} samples/s", f"{r['loader_over_step']:.1f}", ">= 1", r["pass"])
+    for r in items.get("loop", []):
+        add("training loop", f"engine epoch, {r['contender'].removeprefix('loop_')} pairs, {r['images']} images, "
+            f"batch {r['batch']}, {r['workers']} workers", f"loop {r['samples_per_s']:.0f} samples/s, raw step "
+            f"{r['raw_step_samples_per_s']:.0f} samples/s", f"{r['ratio_to_raw_step']:.3f}", r["target"], r["pass"])
     return "\n".join(lines)

@@ -13,14 +13,12 @@ from .encoder import (
     encode_texts,
     evaluate_encoder,
     evaluate_retrieval,
-    evaluate_shapes_encoder,
     flatten_metrics,
     load_coco_captions,
     load_flickr_karpathy,
     load_flickr_token,
     mmvp_vlm,
     retrieval_metrics,
-    shapes_encoder_tasks,
     zeroshot_classification,
     zeroshot_classifier,
 )
@@ -35,6 +33,7 @@ from .routing import (
     routing_summary,
     text_token_mask,
 )
+from .shapes import evaluate_shapes_encoder, shapes_encoder_tasks, standard_errors
 
 __all__ = [
     "EvalDataError",
@@ -60,6 +59,7 @@ __all__ = [
     "retrieval_metrics",
     "routing_summary",
     "shapes_encoder_tasks",
+    "standard_errors",
     "text_token_mask",
     "zeroshot_classification",
     "zeroshot_classifier",

@@ -60,14 +60,12 @@ __all__ = [
     "encode_texts",
     "evaluate_encoder",
     "evaluate_retrieval",
-    "evaluate_shapes_encoder",
     "flatten_metrics",
     "load_coco_captions",
     "load_flickr_karpathy",
     "load_flickr_token",
     "mmvp_vlm",
     "retrieval_metrics",
-    "shapes_encoder_tasks",
     "zeroshot_classification",
     "zeroshot_classifier",
 ]
@@ -627,43 +625,3 @@ def flatten_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     counts (ints) and nested details (per-class accuracies) are left out."""
     return {f"{task}/{name}": float(value) for task, metrics in results.items() for name, value in metrics.items()
             if isinstance(value, float) and not math.isnan(value)}
-
-
-def _encoder_eval_dir(root: PathLike) -> Path:
-    root = Path(root)
-    folder = root / "encoder_eval" if (root / "encoder_eval").is_dir() else root
-    if not (folder / "retrieval").is_dir() and not (folder / "zeroshot").is_dir():
-        raise FileNotFoundError(f"expected {root / 'encoder_eval'}/ (a Shapes world's encoder evaluation folder "
-                                "with retrieval/, zeroshot/ and mmvp_vlm/; see clipmoe_vlm.data.shapes)")
-    return folder
-
-
-def shapes_encoder_tasks(root: PathLike) -> dict[str, Any]:
-    """The `evaluate_encoder` keyword arguments for a Shapes world (its root or its ``encoder_eval/`` folder):
-    ``coco`` = ``retrieval/captions.json``, ``zeroshot`` = one task per attribute folder of ``zeroshot/``,
-    ``mmvp`` = ``mmvp_vlm/``. Every expected file is checked here, so a bad layout fails before any encoding."""
-    folder = _encoder_eval_dir(root)
-    captions = folder / "retrieval" / "captions.json"
-    if not captions.is_file():
-        raise FileNotFoundError(f"expected {captions} (COCO captions format)")
-    zs_root = _require_dir(folder / "zeroshot", "one ImageNet-style class-folder tree per attribute")
-    attributes = sorted(p.name for p in zs_root.iterdir() if p.is_dir())
-    if not attributes:
-        raise FileNotFoundError(f"expected {zs_root}/<attribute>/<class>/*.png; found no attribute folder")
-    questions = folder / "mmvp_vlm" / "Questions.csv"
-    if not questions.is_file():
-        raise FileNotFoundError(f"expected {questions} (MMVP-VLM layout)")
-    return {"coco": captions, "coco_images": folder / "retrieval" / "images",
-            "zeroshot": {a: zs_root / a for a in attributes}, "mmvp": folder / "mmvp_vlm"}
-
-
-def evaluate_shapes_encoder(model, transform: Transform, tokenizer: Tokenizer, root: PathLike, *,
-                            batch_size: int = 64, device: str | torch.device | None = None, bf16: bool = False,
-                            num_workers: int = 0, progress: bool = True) -> dict[str, float]:
-    """Retrieval, zero-shot per attribute and MMVP-VLM on a Shapes world (its root or ``encoder_eval/``), as one
-    flat dict of fractions: ``retrieval/{i2t,t2i}_R@{1,5,10}``, ``zeroshot/<attribute>/{top1,mean_per_class}``
-    (+ ``top5`` for attributes with more than 5 classes), ``mmvp/<Type>`` and ``mmvp/average``."""
-    results = evaluate_encoder(model, transform, tokenizer, **shapes_encoder_tasks(root), batch_size=batch_size,
-                               device=device, bf16=bf16, num_workers=num_workers, progress=progress)
-    results = {("retrieval" if task == "coco" else task): metrics for task, metrics in results.items()}
-    return flatten_metrics(results)

@@ -351,7 +351,15 @@ def analyze_routing(model, images: Sequence[Image.Image], transform, output_dir:
         raise ValueError("analyze_routing: no images")
     if captions is not None and tokenizer is None:
         raise ValueError("analyze_routing: captions need a tokenizer")
-    pixel_values = torch.stack([transform(image.convert("RGB")) for image in images])
+    tensors = []
+    for position, image in enumerate(images):
+        try:
+            tensors.append(transform(image.convert("RGB")))
+        except OSError as error:  # a lazily opened file that is truncated fails only here: say which one
+            name = getattr(image, "filename", "")
+            raise ValueError(f"analyze_routing: image {position}{f' ({name})' if name else ''} cannot be read: "
+                             f"{error}") from error
+    pixel_values = torch.stack(tensors)
     input_ids = torch.as_tensor(tokenizer(list(captions))) if captions else None
     towers = _towers(model)
     routing = collect_routing(model, pixel_values if "vision" in towers else None,

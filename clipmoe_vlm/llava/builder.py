@@ -18,6 +18,7 @@ Layout (LLaVA-1.5 -> transformers):
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "PROJECTOR_TYPES",
     "build_llava",
     "build_processor",
+    "check_llava_folder",
     "load_language_model",
     "load_llava",
     "load_vision_tower",
@@ -301,10 +303,51 @@ def build_llava(
     return model, processor
 
 
+# what a user most often passes by mistake, for the "not a LLaVA folder" error
+_FOLDER_KINDS = {
+    "clip_moe": "a CLIP-MoE folder (use it as --vision-tower of `clipmoe train-llava`)",
+    "clip_moe_vision_model": "a CLIP-MoE vision tower folder (use it as --vision-tower of `clipmoe train-llava`)",
+    "clip": "a dense CLIP folder (use it as --vision-tower of `clipmoe train-llava`)",
+    "clip_vision_model": "a CLIP vision tower folder (use it as --vision-tower of `clipmoe train-llava`)",
+}
+
+
+def check_llava_folder(folder: str | os.PathLike[str], what: str = "LLaVA folder") -> Path:
+    """``folder`` if its ``config.json`` is a LLaVA config; otherwise one error saying what the folder is.
+
+    transformers itself would load a CLIP-MoE folder's config into ``LlavaForConditionalGeneration`` and fail
+    deep inside with an ``AttributeError`` on ``tie_word_embeddings``.
+
+    Raises:
+        FileNotFoundError: no folder, or no ``config.json`` in it.
+        ValueError: its ``model_type`` is not ``llava``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} not found: {folder}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{what} {folder} has no config.json (expected a LLaVA folder saved by "
+                                "`clipmoe train-llava` or `clipmoe merge-lora`)")
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{config_file}: not a readable JSON config ({error})") from error
+    if model_type != "llava":
+        kind = _FOLDER_KINDS.get(model_type, f"a {model_type!r} model folder")
+        raise ValueError(f"{what} {folder} is {kind}: its config.json has model_type {model_type!r}, expected "
+                         "'llava' (a folder saved by `clipmoe train-llava` or `clipmoe merge-lora`)")
+    return folder
+
+
 def load_llava(folder: str | os.PathLike[str], *, dtype: torch.dtype | None = None, **kwargs
                ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Load a saved LLaVA folder (model and processor). A LoRA adapter folder (``adapter_config.json``) is loaded
-    onto its base and merged (see `clipmoe_vlm.llava.lora.load_lora_llava`)."""
+    onto its base and merged (see `clipmoe_vlm.llava.lora.load_lora_llava`).
+
+    Raises:
+        FileNotFoundError, ValueError: the folder is missing or is not a LLaVA folder (see `check_llava_folder`).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"LLaVA folder not found: {folder}")
@@ -312,6 +355,7 @@ def load_llava(folder: str | os.PathLike[str], *, dtype: torch.dtype | None = No
         from .lora import load_lora_llava
 
         return load_lora_llava(folder, dtype=dtype, merge=True)
+    check_llava_folder(folder)
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)

@@ -7,6 +7,8 @@ the new tokens are decoded (``skip_special_tokens``, stripped), as LLaVA's ``mod
 Batch mode reads a JSONL of questions, one object a line: ``{"question_id": ..., "image": "relative/path.png",
 "text": "question"}`` (``question`` is accepted for ``text``; ``image`` may be absent for a text-only question) and
 writes ``{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`` lines (LLaVA's answer format).
+A question whose image is missing or unreadable does not stop the others: they are answered and written, and
+then the run fails naming the unanswered ones (`UnansweredQuestions`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 
 from ..data.conversation import DEFAULT_IMAGE_TOKEN, Turn, get_template
 
-__all__ = ["answer_questions", "build_prompt", "main", "run_batch"]
+__all__ = ["UnansweredQuestions", "answer_questions", "build_prompt", "main", "run_batch"]
 
 
 def build_prompt(question: str, *, with_image: bool = True, template: str = "vicuna_v1") -> str:
@@ -90,38 +92,72 @@ def _read_questions(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+class UnansweredQuestions(ValueError):
+    """Some questions of a batch could not be answered (missing or unreadable image); the others were answered
+    and written. ``answers``: what was written; ``failures``: ``(question_id, reason)`` per unanswered question.
+    A ``ValueError``, so ``clipmoe infer`` reports it as one ``error:`` line and exits non-zero."""
+
+    def __init__(self, answers: list[dict[str, Any]], failures: list[tuple[Any, str]], total: int,
+                 answers_file: Path) -> None:
+        shown = "; ".join(f"question {qid}: {reason}" for qid, reason in failures[:5])
+        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+        ids = ", ".join(str(qid) for qid, _ in failures[:20]) + (", ..." if len(failures) > 20 else "")
+        super().__init__(f"{len(failures)} of {total} questions not answered (question_id {ids}): {shown}{more}; "
+                         f"the {len(answers)} answers are in {answers_file}")
+        self.answers, self.failures = answers, failures
+
+
+def _open_image(path: Path) -> Image.Image:
+    """The RGB image at ``path``; a missing, unreadable or truncated file is a ValueError naming it."""
+    if not path.is_file():
+        raise ValueError(f"image {path} not found")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")  # decodes now, so a truncated file fails here and not in the batch
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"image {path} cannot be read: {error}") from error
+
+
 def run_batch(model, processor, questions_file: str | os.PathLike[str], answers_file: str | os.PathLike[str], *,
               image_folder: str | os.PathLike[str] | None = None, batch_size: int = 8, model_id: str = "llava",
               **generate_kwargs) -> list[dict[str, Any]]:
-    """Answer every question of a JSONL file and write the answers as JSONL (see the module docstring)."""
+    """Answer every question of a JSONL file and write the answers as JSONL (see the module docstring).
+
+    A question whose image is missing or unreadable is left out; the others are still answered and written
+    (in the questions' order), then `UnansweredQuestions` names the ones left out."""
     rows = _read_questions(Path(questions_file))
     image_root = Path(image_folder) if image_folder is not None else Path(questions_file).parent
-    answers: list[dict[str, Any]] = []
     groups = {True: [r for r in rows if r.get("image")], False: [r for r in rows if not r.get("image")]}
     by_id: dict[int, dict[str, Any]] = {}
+    failures: dict[int, str] = {}
     for has_image, group in groups.items():
         for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            images = []
-            for row in chunk:
+            chunk, images = [], []
+            for row in group[start:start + batch_size]:
                 if has_image:
-                    path = image_root / row["image"]
-                    if not path.is_file():
-                        raise FileNotFoundError(f"question {row['question_id']}: image {path} not found")
-                    with Image.open(path) as opened:
-                        images.append(opened.convert("RGB"))
+                    try:
+                        images.append(_open_image(image_root / row["image"]))
+                    except ValueError as error:
+                        failures[id(row)] = str(error)
+                        continue
                 else:
                     images.append(None)
+                chunk.append(row)
+            if not chunk:
+                continue
             texts = answer_questions(model, processor, [r["text"] for r in chunk], images, **generate_kwargs)
             for row, text in zip(chunk, texts):
                 by_id[id(row)] = {"question_id": row["question_id"], "prompt": row["text"], "text": text,
                                   "answer_id": f"{row['question_id']}", "model_id": model_id, "metadata": {}}
-    answers = [by_id[id(row)] for row in rows]
+    answers = [by_id[id(row)] for row in rows if id(row) in by_id]
     answers_path = Path(answers_file)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     with answers_path.open("w", encoding="utf-8") as handle:
         for answer in answers:
             handle.write(json.dumps(answer) + "\n")
+    if failures:
+        raise UnansweredQuestions(answers, [(row["question_id"], failures[id(row)]) for row in rows
+                                            if id(row) in failures], len(rows), answers_path)
     return answers
 
 
@@ -167,14 +203,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]] | str:
     if args.question is not None:
         image = None
         if args.image:
-            if not Path(args.image).is_file():
-                raise SystemExit(f"error: --image {args.image} not found")
-            with Image.open(args.image) as opened:
-                image = opened.convert("RGB")
+            try:
+                image = _open_image(Path(args.image))
+            except ValueError as error:
+                raise SystemExit(f"error: --image: {error}") from None
         (text,) = answer_questions(model, processor, [args.question], [image], **options)
         print(text)
         return text
-    answers = run_batch(model, processor, args.questions, args.answers_file, image_folder=args.image_folder,
-                        batch_size=args.batch_size, model_id=model_dir.name, **options)
+    try:
+        answers = run_batch(model, processor, args.questions, args.answers_file, image_folder=args.image_folder,
+                            batch_size=args.batch_size, model_id=model_dir.name, **options)
+    except UnansweredQuestions as incomplete:
+        print(f"wrote {len(incomplete.answers)} answers to {args.answers_file}")
+        raise  # clipmoe_cli.main prints the one error line (count and ids) and exits 2
     print(f"wrote {len(answers)} answers to {args.answers_file}")
     return answers

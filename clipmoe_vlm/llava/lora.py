@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
 
+from .builder import check_llava_folder
+
 # Not from .trainer: trainer imports this module (NON_LORA_FILE, non_lora_state), so the shared rules live in
 # .trainable and the dependency stays one-way.
 from .trainable import LM_LORA_TARGETS, parameter_group_of
@@ -98,8 +100,11 @@ def save_lora(peft_model: nn.Module, output_dir: str | os.PathLike[str], *, base
 def _base_folder(adapter_dir: Path, base: str | os.PathLike[str] | None) -> Path:
     if base is not None:
         return Path(base)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return Path(config["base_model_name_or_path"])
+    config_file = adapter_dir / "adapter_config.json"
+    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise ValueError(f"{config_file} records no base_model_name_or_path: pass --base (the base LLaVA folder)")
+    return Path(recorded)
 
 
 def load_lora_llava(adapter_dir: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
@@ -107,6 +112,11 @@ def load_lora_llava(adapter_dir: str | os.PathLike[str], *, base: str | os.PathL
     """Load a LoRA run's folder onto its base LLaVA folder (``base`` overrides the one recorded in the adapter).
 
     Returns ``(model, processor)``: a peft model, or with ``merge=True`` a plain ``LlavaForConditionalGeneration``.
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` or ``non_lora_trainables.safetensors`` in ``adapter_dir``, or
+            no base folder.
+        ValueError: the base folder is not a LLaVA folder, or the non-LoRA weights do not fit it.
     """
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -114,18 +124,22 @@ def load_lora_llava(adapter_dir: str | os.PathLike[str], *, base: str | os.PathL
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter_config.json in {adapter_dir} (not a LoRA output folder)")
+    # Checked before loading anything: without it the merge would quietly keep the base projector.
+    extra_path = adapter_dir / NON_LORA_FILE
+    if not extra_path.is_file():
+        raise FileNotFoundError(f"{extra_path} not found: a LoRA run saves the projector (and any trained routers "
+                                f"/ experts) there next to the adapter; without it the base model's would be used")
     base_dir = _base_folder(adapter_dir, base)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"LoRA base folder {base_dir} has no config.json (pass --base)")
+    check_llava_folder(base_dir, "LoRA base folder")
     kwargs = {} if dtype is None else {"dtype": dtype}
     model = LlavaForConditionalGeneration.from_pretrained(base_dir, **kwargs)
-    extra_path = adapter_dir / NON_LORA_FILE
-    if extra_path.is_file():
-        extra = load_file(str(extra_path))
-        missing = sorted(set(extra) - set(model.state_dict()))
-        if missing:
-            raise KeyError(f"{extra_path}: keys not in the base model: {missing[:5]}")
-        model.load_state_dict(extra, strict=False)
+    extra = load_file(str(extra_path))
+    missing = sorted(set(extra) - set(model.state_dict()))
+    if missing:
+        raise ValueError(f"{extra_path}: keys not in the base model {base_dir}: {missing[:5]}")
+    model.load_state_dict(extra, strict=False)
     model = PeftModel.from_pretrained(model, adapter_dir)
     if merge:
         model = model.merge_and_unload()
@@ -162,9 +176,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("output", help="folder for the merged LLaVA model")
     parser.add_argument("--base", help="base LLaVA folder (default: the adapter's base_model_name_or_path)")
     args = parser.parse_args(argv if argv is not None else sys.argv[1:])
-    try:
-        out = merge_lora(args.adapter, args.output, base=args.base)
-    except (FileNotFoundError, KeyError) as error:
-        raise SystemExit(f"error: {error}") from None
+    out = merge_lora(args.adapter, args.output, base=args.base)  # bad inputs: one line from clipmoe_cli.main
     print(f"merged {args.adapter} -> {out}")
     return out

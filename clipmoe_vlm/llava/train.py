@@ -312,6 +312,41 @@ def _model_card(cfg: LlavaTrainConfig, model, metrics: dict[str, Any], trainable
     return "\n".join(lines)
 
 
+_REPAIRS = ("image_placeholder_added", "truncated", "trailing_turn_dropped", "tokenization_mismatch")
+
+
+def _data_report(dataset: LlavaDataset, examples: int = 3) -> list[str]:
+    """End-of-run lines about the samples the dataset skipped or changed (the model card has only the raw counts).
+
+    `DataStats` keeps counts, not record ids; only missing images can be named afterwards, by looking for the
+    files again (cheap: one stat per image record, stopping at ``examples``)."""
+    counts = dataset.stats.as_dict()
+    skipped = {reason: counts[f"skipped.{reason}"] for reason in dataset.stats.SKIP_REASONS
+               if counts[f"skipped.{reason}"]}
+    repaired = {name: counts[name] for name in _REPAIRS if counts[name]}
+    if not skipped and not repaired:
+        return [f"data: {counts['samples']} samples served, none skipped or repaired"]
+    lines = [(f"data: {counts['samples']} samples served; counted per sample drawn (a record drawn in every epoch "
+              "counts every time)")]
+    if skipped:
+        lines.append(f"skipped (the next usable sample served instead): {sum(skipped.values())}: "
+                     + ", ".join(f"{reason} {count}" for reason, count in skipped.items()))
+    if repaired:
+        lines.append("repaired or changed: " + ", ".join(f"{name} {count}" for name, count in repaired.items()))
+    if skipped.get("missing_image") and dataset.image_root is not None:
+        found = []
+        for index, record in enumerate(dataset.records):
+            if dataset.has_image[index] and not (dataset.image_root / str(record["image"])).is_file():
+                found.append(f"record {index} (id={record.get('id')!r}): {dataset.image_root / str(record['image'])}")
+                if len(found) == examples:
+                    break
+        lines += [f"  missing image: {entry}" for entry in found]
+    if set(skipped) - {"missing_image"} or repaired:
+        lines.append("  the counters keep no record ids for the other reasons; --strict stops at the first record "
+                     "with a malformed conversation or <image> placeholder, naming it")
+    return lines
+
+
 # --------------------------------------------------------------------------- run
 def run(config: LlavaTrainConfig) -> TrainResult:
     """Train one stage as configured and save the result; returns where it went."""
@@ -436,6 +471,8 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     (output_dir / "llava_train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     (output_dir / "README.md").write_text(_model_card(cfg, base_model, metrics, counts, kind))
     _log(f"saved {output_dir}")
+    for line in _data_report(dataset):  # last, where a user looks when the run ends
+        _log(line)
     return TrainResult(output_dir=output_dir, metrics=metrics, trainable=trainable, trainer=trainer)
 
 

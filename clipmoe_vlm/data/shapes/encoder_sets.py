@@ -42,16 +42,31 @@ _MMVP_TYPES: Mapping[str, str] = MappingProxyType(
         "count": "Quantity",
     }
 )
-_ZEROSHOT_TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "color": ("a {} shape.", "a {} object on a dark background.", "a picture of a {} shape."),
-        "shape": ("a {}.", "a picture of a {}.", "a colored {} on a dark background."),
-        "size": ("a {} shape.", "a {} object.", "a picture of a {} shape."),
-        "fill": ("a {} shape.", "a {} object.", "a picture of a {} shape."),
-        "position": ("a shape at the {} of the image.", "an object at the {}.", "a picture with a shape at the {}."),
-        "count": ("{} shapes.", "a picture of {} objects.", "an image with {} shapes."),
-    }
-)
+# Counting prompts: the number is the class; colours vary per object, so no nuisance is named.
+_COUNT_TEMPLATES = ("{} shapes.", "there are {} objects.", "an image with {} shapes.")
+
+
+def zeroshot_templates(attribute: str, config: ShapesConfig) -> list[str]:
+    """Prompt templates (``{}``: the class) for zero-shot classification of ``attribute``.
+
+    Every training caption states each object's colour and shape, so a prompt without them ("a circle.") is
+    far from anything the text tower was trained on, and zero-shot shape sat at chance even for models whose
+    image features separate shapes. The class embedding is therefore the mean over prompts that name every
+    value of these nuisance attributes: shape is prompted as "the red {}.", "the blue {}.", ...; size, fill and
+    position over every colour x shape. ("the", as in the captions' relation sentences, avoids a/an.)
+    """
+    colors, shapes = config.values("color"), config.values("shape")
+    if attribute == "color":
+        return [f"the {{}} {shape}." for shape in shapes]
+    if attribute == "shape":
+        return [f"the {color} {{}}." for color in colors]
+    if attribute in ("size", "fill"):
+        return [f"the {{}} {color} {shape}." for color in colors for shape in shapes]
+    if attribute == "position":
+        return [f"the {color} {shape} at the {{}} of the image." for color in colors for shape in shapes]
+    if attribute == "count":
+        return list(_COUNT_TEMPLATES)
+    raise ValueError(f"unknown attribute {attribute!r}")
 
 
 def write_retrieval(
@@ -138,7 +153,7 @@ def write_zeroshot(
     for attribute in attributes:
         classes = sorted(_class_name(attribute, v) for v in config.values(attribute))
         _write_json(out / attribute / "classnames.json", classes)
-        _write_json(out / attribute / "templates.json", list(_ZEROSHOT_TEMPLATES[attribute]))
+        _write_json(out / attribute / "templates.json", zeroshot_templates(attribute, config))
         result.files[f"zeroshot_{attribute}_classnames"] = out / attribute / "classnames.json"
         result.files[f"zeroshot_{attribute}_templates"] = out / attribute / "templates.json"
         result.counts[f"zeroshot_{attribute}"] = len(classes) * n_per_class

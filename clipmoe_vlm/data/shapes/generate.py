@@ -62,9 +62,13 @@ from .writers_llava import write_clip_pairs, write_llava_instruct, write_llava_p
 #: Item counts of the default world. Defined once because `generate_world`'s keyword defaults, the flags of
 #: scripts/generate_shapes.py and `clipmoe_vlm.defaults.WORLD_SIZES` must agree: the counts are part of the
 #: manifest's cache key, so any drift regenerates the world.
+# The encoder evaluation sets are sized so that one binomial standard error is at most 3 points at any score
+# (p = 0.5 needs n >= 278): 400 retrieval images, 150 images per zero-shot class (the two-class attributes
+# then have 300), 300 MMVP pairs per attribute. Each set is drawn from its own seeds, so resizing one leaves
+# every other file of the world unchanged.
 DEFAULT_WORLD_SIZES: Mapping[str, int] = MappingProxyType(
     {"n_train": 4000, "n_pretrain": 2000, "n_instruct": 2000, "n_eval": 300, "n_mmvet": 100,
-     "n_retrieval": 300, "n_zeroshot_per_class": 20, "n_mmvp_pairs": 15}
+     "n_retrieval": 400, "n_zeroshot_per_class": 150, "n_mmvp_pairs": 300}
 )  # fmt: skip
 
 _MANIFEST = "manifest.json"

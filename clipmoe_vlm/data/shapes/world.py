@@ -44,7 +44,7 @@ import numpy as np
 #: The name the single-module generator had: manifests written before the package split stay valid.
 GENERATOR_NAME = "clipmoe_vlm.data.shapes"
 #: Bump when the output for a given seed changes; it is part of the cache key in ``manifest.json``.
-GENERATOR_VERSION = "1.2"
+GENERATOR_VERSION = "1.3"
 
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 96
