@@ -260,6 +260,75 @@ def test_missing_model_folder_is_one_clear_error(tmp_path):
     assert not issubclass(EvalSetupError, Exception)  # lmms-eval's `except Exception` cannot swallow it
 
 
+def test_default_dtype_is_float16_on_gpu_float32_on_cpu(lmm):
+    from clipmoe_vlm.lmms.models.clipmoe_llava import resolve_dtype
+
+    assert lmm.model.dtype == torch.float32  # built without dtype, on the CPU
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.float16  # LLaVA-1.5's evaluation precision
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(EvalSetupError, match=r"dtype='half'; choose auto or one of"):
+        resolve_dtype("half", torch.device("cpu"))
+
+
+def test_original_aspect_ratio_turns_the_processor_padding_off(random_llava):
+    """This project's folders save a LlavaImageProcessor(do_pad=True); `original` must reach its resize/crop
+    without any padding to a square, `pad` must pad with the mean colour."""
+    from transformers import LlavaImageProcessor
+
+    from clipmoe_vlm.data.llava_images import expand_to_square
+    from clipmoe_vlm.lmms.models.clipmoe_llava import ClipMoELlava
+
+    model = ClipMoELlava(pretrained=str(random_llava), device="cpu", image_aspect_ratio="original")
+    padding = LlavaImageProcessor(do_pad=True, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.processor.image_processor = padding
+    model._background = tuple(int(v * 255) for v in padding.image_mean)
+    image = _image((64, 24), (200, 30, 30))  # wide: padding changes what the tower sees
+    prompt = model.build_prompt("What color?", 1)
+
+    def pixels(aspect):
+        return model._encode([prompt], model._prepare_images([image], aspect), aspect)["pixel_values"]
+
+    resized_only = padding(images=[image], do_pad=False, return_tensors="pt")["pixel_values"]
+    padded = padding(images=[expand_to_square(image, model._background)], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels("original"), resized_only)
+    assert torch.allclose(pixels("pad"), padded)
+    assert (pixels("original") - pixels("pad")).abs().max() > 0.5
+    # the task's generation_kwargs may choose too; the per-document path used by generate_until agrees
+    request = SimpleNamespace(args=("What color?", {}, lambda d: [image], 0, "t", "test"))
+    model.task_dict = {"t": {"test": [{}]}}
+    assert torch.equal(model._document_inputs(request, "What color?", "original")["pixel_values"], resized_only)
+
+
+def _open(doc):
+    return [doc["image"]] if "image" in doc else [Image.open(io.BytesIO(doc["data"])).convert("RGB")]
+
+
+def test_bad_image_documents_are_skipped_counted_and_reported(yes_llava, tmp_path):
+    from clipmoe_vlm.lmms.models.clipmoe_llava import ClipMoELlava
+
+    report = tmp_path / "report"
+    model = ClipMoELlava(pretrained=str(yes_llava), device="cpu", batch_size=2, skipped_report=str(report))
+    docs = [{"data": _png()}, {"data": b"not an image"}, {"image": "clip.mp4"}, {"data": _png()},
+            {"data": _png()}]  # doc 1 does not decode; doc 2 is a visual this model cannot process
+    model.task_dict = {"t": {"val": docs}}
+    requests = [SimpleNamespace(args=(f"question {k}?", {"max_new_tokens": 4}, _open, k, "t", "val"))
+                for k in range(5)]
+    assert model.generate_until(requests) == ["yes", "", "", "yes", "yes"]
+    skipped = model.skipped_documents
+    assert [(d["task"], d["split"], d["doc_id"]) for d in skipped] == [("t", "val", 1), ("t", "val", 2)]
+    assert skipped[0]["error"].startswith("UnidentifiedImageError")
+    assert skipped[1]["error"] == "TypeError: clipmoe_llava handles images only; doc_to_visual returned str"
+    written = json.loads((report / "clipmoe_skipped.rank0.json").read_text())
+    assert written["skipped"] == 2 and [d["doc_id"] for d in written["documents"]] == [1, 2]
+    # loglikelihood: the same bad document counts once; its options all get an infinite loss
+    options = [SimpleNamespace(args=("question 1?", option, _open, 1, "t", "val")) for option in ("yes", "no")]
+    assert model.loglikelihood(options) == [(float("inf"), False)] * 2
+    assert len(model.skipped_documents) == 2
+    model.clean()  # lmms-eval's last call: the report stays
+    assert json.loads((report / "clipmoe_skipped.rank0.json").read_text())["skipped"] == 2
+
+
 # --------------------------------------------------------------------------- data
 def _png(size=(40, 30), color=(10, 120, 200)) -> bytes:
     buffer = io.BytesIO()
@@ -481,6 +550,7 @@ def test_cli_end_to_end_known_scores(tmp_path, yes_llava, eval_tree, mock_judge)
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = [p for p in output.rglob("*_results.json") if p.parent.name != "submissions"]
     assert _scores(results_file) == pytest.approx({task: value for task, (_, value) in EXPECTED.items()})
+    assert json.loads(results_file.read_text())["results"]["mmvet_local"]["unjudged,none"] == 0
     samples = [json.loads(line) for line in next(output.rglob("*_samples_vizwiz_vqa_val_local.jsonl")).open()]
     assert sorted(s["doc_id"] for s in samples) == [0, 1, 2, 3]
     assert {s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0]
@@ -508,8 +578,45 @@ def test_wrapper_two_processes_match_one(tmp_path, yes_llava, eval_tree, mock_ju
     assert code == 0 and report["ok"], report
     for task, entry in report["tasks"].items():
         assert entry["status"] == "ok" and entry["n"] == (3 if task == "mmvet_local" else 4)
-        assert entry["value"] == pytest.approx(EXPECTED[task][1])
+        assert entry["value"] == pytest.approx(EXPECTED[task][1]) and entry["skipped"] == 0
+    assert report["tasks"]["mmvet_local"]["unjudged"] == 0 and report["skipped_documents"] == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("clipmoe_skipped.rank*.json")) == [
+        "clipmoe_skipped.rank0.json", "clipmoe_skipped.rank1.json"]
     assert "torch.distributed.run" in report["command"]
+
+
+def test_wrapper_exits_nonzero_when_a_document_is_skipped(tmp_path, yes_llava, eval_tree, monkeypatch):
+    """A VizWiz row whose image bytes are not an image (written past the preparation checks): the real lmms-eval
+    run completes, that document is answered "" and scored 0, and the wrapper exits 1 naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipmoe_vlm.lmms.runner import main
+
+    table = pq.read_table(str(eval_tree / "data" / "vizwiz_vqa_val.parquet"))
+    images = table.column("image").to_pylist()
+    images[1] = {"bytes": b"not an image", "path": images[1]["path"]}
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    column = table.schema.get_field_index("image")
+    pq.write_table(table.set_column(column, table.schema.field("image"), pa.array(images, table.schema.field(
+        "image").type)), str(data_dir / "vizwiz_vqa_val.parquet"))
+    for name in JUDGE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in _cli_env(tmp_path, None).items():
+        monkeypatch.setenv(name, value)
+    summary = tmp_path / "summary.json"
+    code = main([str(yes_llava), "--tasks", "vizwiz_vqa_val_local", "--data_dir", str(data_dir), "--output_path",
+                 str(tmp_path / "out"), "--summary_json", str(summary), "--device", "cpu", "--batch_size", "2",
+                 "--gen_kwargs", "max_new_tokens=8", "--no_log_samples"])
+    report = json.loads(summary.read_text())
+    entry = report["tasks"]["vizwiz_vqa_val_local"]
+    assert code == 1 and report["lmms_eval_returncode"] == 0 and not report["ok"]
+    assert report["skipped_documents"] == 1 and entry["skipped"] == 1 and entry["n"] == 4
+    assert [(d["task"], d["doc_id"]) for d in report["skipped"]] == [("vizwiz_vqa_val_local", 1)]
+    assert report["skipped"][0]["error"].startswith("UnidentifiedImageError")
+    assert entry["value"] == pytest.approx(0.725 - 0.25)  # document 1 ("Yes" x 10) now scores 0
+    assert entry["status"] == "failed: 1 document(s) skipped (unreadable input; --allow_skipped accepts)"
 
 
 def test_wrapper_fails_before_launch_without_judge(tmp_path, yes_llava, eval_tree, monkeypatch):

@@ -37,6 +37,7 @@ __all__ = [
     "JudgeError",
     "JudgeNotConfigured",
     "get_judge",
+    "parse_judge_score",
 ]
 
 ENV_BASE_URL = "CLIPMOE_JUDGE_BASE_URL"
@@ -95,6 +96,25 @@ class JudgeConfig:
     @property
     def chat_url(self) -> str:
         return self.base_url + _CHAT_SUFFIX
+
+
+def parse_judge_score(reply: str) -> float | None:
+    """The score in an MM-Vet judge reply, read as upstream reads it, or ``None`` when the reply is not a score.
+
+    Upstream (``lmms_eval/tasks/mmvet/utils.py``) takes the first whitespace-separated token of the reply and
+    parses it with ``float``, accepting it only in [0, 1]. So ``"0.5"``, ``"1.0 because ..."``, ``".3"`` and
+    ``"01"`` (= 1.0) are scores; ``"10"``, ``"-0.1"``, ``"nan"`` (out of range), ``"0,5"``, ``"0.5."`` and
+    ``"n/a"`` (not a float) are not. One difference: upstream splits on a space only, so ``"0.5\\nwhy"`` is
+    unparseable there and 0.5 here.
+    """
+    tokens = reply.split()
+    if not tokens:
+        return None
+    try:
+        score = float(tokens[0])
+    except ValueError:
+        return None
+    return score if 0.0 <= score <= 1.0 else None  # False for nan
 
 
 def _sampling_kwargs(model: str, temperature: float, max_tokens: int) -> dict[str, float | int]:

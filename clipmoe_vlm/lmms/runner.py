@@ -3,8 +3,15 @@
 It checks what it can before the (slow) launch (model folder, data files and their columns, the judge when a
 task needs one), runs the real ``python -m lmms_eval --model clipmoe_llava ...`` (under ``torchrun`` or
 ``accelerate launch`` for several processes), then reads the results file. lmms-eval exits 0 even when a task
-failed, so the exit status here is 1 when lmms-eval failed, or when any task wrote no results or a non-numeric
-score. The summary is printed as a table and written as JSON.
+failed, so the exit status here is 1 when lmms-eval failed, when any task wrote no results or a non-numeric
+score, when a judged task has more unjudged answers than ``--max_unjudged`` allows, or when the model skipped a
+document whose inputs could not be built (unless ``--allow_skipped``). The summary is printed as a table and
+written as JSON.
+
+Skipped documents reach this wrapper through files, not through lmms-eval: the model (``skipped_report=`` model
+arg, set here to the output folder) writes ``clipmoe_skipped.rank<R>.json`` per process, listing task, doc id
+and error. An empty answer in the sample logs could also be a real answer, and the sample logs may be off
+(``--no_log_samples``), so they are not used.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from .errors import EvalSetupError, check_model_folder
 from .judge import JudgeConfig, get_judge
 from .prepare import DATA_FILES, check_parquet
 
-__all__ = ["DEFAULT_TASKS", "JUDGE_TASKS", "PRIMARY_METRICS", "build_command", "main", "summarize"]
+__all__ = ["DEFAULT_TASKS", "JUDGE_TASKS", "PRIMARY_METRICS", "build_command", "main", "read_skipped", "summarize"]
 
 DEFAULT_TASKS = ("mmbench_en_dev_local", "mmvet_local", "vizwiz_vqa_val_local")
 PRIMARY_METRICS = {
@@ -41,6 +48,9 @@ PRIMARY_METRICS = {
     "vizwiz_vqa_val": "exact_match",
 }
 JUDGE_TASKS = ("mmvet_local", "mmbench_en_dev_local_gpt")
+UNJUDGED_METRIC = "unjudged"  # per-task count of answers the judge never scored (mmvet_local)
+DEFAULT_MAX_UNJUDGED = 0.05
+SKIPPED_FILE_GLOB = "clipmoe_skipped.rank*.json"  # = clipmoe_vlm.lmms.models.clipmoe_llava.SKIPPED_FILE_GLOB
 LOCAL_DATA = {
     "mmbench_en_dev_local": "mmbench_en_dev",
     "mmbench_en_dev_local_gpt": "mmbench_en_dev",
@@ -67,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--summary_json", default=None, help="default: <output_path>/summary.json")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--limit", type=float, default=None, help="documents per task (int) or fraction (<1)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto (default): float16 on a GPU (LLaVA-1.5's evaluation precision), float32 on the CPU")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--conv_template", default="vicuna_v1")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="model default when a task sets none")
@@ -78,7 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_log_samples", action="store_true", help="do not write per-sample JSONL files")
     parser.add_argument("--verbosity", default="INFO")
     parser.add_argument("--no_preflight", action="store_true", help="skip the data and judge checks")
+    parser.add_argument("--max_unjudged", type=_share, default=DEFAULT_MAX_UNJUDGED,
+                        help="largest share (0-1) of a judged task's answers that the judge may fail to score "
+                             f"(each scores 0) before the run fails (default {DEFAULT_MAX_UNJUDGED})")
+    parser.add_argument("--allow_skipped", action="store_true",
+                        help="exit 0 even when documents were skipped because their images could not be read "
+                             "(they are answered with an empty string and score as failed)")
     return parser
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 (e.g. 0.05)")
+    return value
 
 
 def _model_args(args: argparse.Namespace) -> str:
@@ -87,6 +114,8 @@ def _model_args(args: argparse.Namespace) -> str:
         parts.append(f"device={args.device}")
     if args.max_new_tokens:
         parts.append(f"max_new_tokens={args.max_new_tokens}")
+    if getattr(args, "skipped_report", None):
+        parts.append(f"skipped_report={args.skipped_report}")
     return ",".join(parts)
 
 
@@ -144,9 +173,11 @@ def _newest_results(output_path: Path, since: float) -> Path | None:
 
 
 def summarize(results_file: Path | None, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per task: ``metric``, ``value`` and ``status`` (``ok``, or why it failed) from an lmms-eval results file."""
-    results = json.loads(results_file.read_text()).get("results", {}) if results_file else {}
-    n_samples = json.loads(results_file.read_text()).get("n-samples", {}) if results_file else {}
+    """Per task: ``metric``, ``value``, ``n`` and ``status`` (``ok``, or why it failed) from an lmms-eval results
+    file; judged tasks with an ``unjudged`` metric also get ``unjudged`` (a count)."""
+    payload = json.loads(results_file.read_text()) if results_file else {}
+    results = payload.get("results", {})
+    n_samples = payload.get("n-samples", {})
     summary: dict[str, dict[str, Any]] = {}
     for task in tasks:
         entry = results.get(task)
@@ -159,26 +190,73 @@ def summarize(results_file: Path | None, tasks: Sequence[str]) -> dict[str, dict
                        if "_stderr" not in key and key != "alias" and isinstance(value, (int, float))]
             metric = numeric[0] if numeric else None
         value = entry.get(f"{metric},none") if metric else None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = _is_number(value)
         summary[task] = {
             "metric": metric,
             "value": value if ok else None,
             "n": (n_samples.get(task) or {}).get("effective"),
             "status": "ok" if ok else "failed: no numeric score",
         }
+        unjudged = entry.get(f"{UNJUDGED_METRIC},none")
+        if _is_number(unjudged):
+            summary[task]["unjudged"] = int(unjudged)
     return summary
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_skipped(output_path: Path) -> list[dict[str, Any]]:
+    """The documents the model skipped (all ranks' ``clipmoe_skipped.rank<R>.json`` under ``output_path``), each
+    ``{"task", "split", "doc_id", "error"}``, one entry per document. A report that cannot be read counts as one
+    entry (task ``?``, doc_id -1) whose error names the file, so it fails the run without losing the summary."""
+    documents: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for path in sorted(output_path.glob(SKIPPED_FILE_GLOB)):
+        try:
+            entries = [{key: entry[key] for key in ("task", "split", "doc_id", "error")}
+                       for entry in json.loads(path.read_text())["documents"]]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            entries = [{"task": "?", "split": "?", "doc_id": -1,
+                        "error": f"{path}: unreadable skipped-documents report ({type(error).__name__}: {error})"}]
+        for entry in entries:
+            documents.setdefault((str(entry["task"]), str(entry["split"]), int(entry["doc_id"])), entry)
+    return [documents[key] for key in sorted(documents)]
+
+
+def _apply_checks(summary: dict[str, dict[str, Any]], skipped: list[dict[str, Any]], max_unjudged: float,
+                  allow_skipped: bool) -> None:
+    """Adds ``skipped`` counts per task and fails tasks over the unjudged share or with skipped documents (the
+    run also fails on skipped documents of a task outside the table, e.g. a subtask of a group)."""
+    for task, entry in summary.items():
+        count = sum(1 for document in skipped if document["task"] == task)
+        entry["skipped"] = count
+        if not entry["status"] == "ok":
+            continue
+        unjudged, n = entry.get("unjudged"), entry.get("n")
+        if unjudged and n and unjudged / n > max_unjudged:
+            entry["status"] = (f"failed: {unjudged} of {n} answers unjudged ({unjudged / n:.1%} > "
+                               f"--max_unjudged {max_unjudged:g})")
+        elif count and not allow_skipped:
+            entry["status"] = f"failed: {count} document(s) skipped (unreadable input; --allow_skipped accepts)"
+
+
 def _table(summary: dict[str, dict[str, Any]]) -> str:
-    rows = [("task", "metric", "value", "n", "status")]
+    rows = [("task", "metric", "value", "n", "unjudged", "skipped", "status")]
     for task, entry in summary.items():
         value = entry["value"]
+        unjudged = entry.get("unjudged")
         rows.append((task, str(entry["metric"]), "-" if value is None else f"{value:.2f}", str(entry.get("n") or "-"),
-                     entry["status"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+                     "-" if unjudged is None else str(unjudged), str(entry.get("skipped") or 0), entry["status"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def _launch(command: Sequence[str], env: dict[str, str]) -> int:
+    """Run lmms-eval; its exit status."""
+    return subprocess.run(list(command), env=env, check=False).returncode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_path = Path(args.output_path or Path("runs") / "eval" / Path(args.model).resolve().name)
     if not args.no_preflight:
         _preflight(args, tasks, data_dir)
+    output_path.mkdir(parents=True, exist_ok=True)
+    for stale in output_path.glob(SKIPPED_FILE_GLOB):  # an earlier run's report must not count in this one
+        stale.unlink()
+    args.skipped_report = str(output_path.resolve())
 
     env = dict(os.environ)
     if all(task in LOCAL_DATA for task in tasks):
@@ -213,15 +295,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = build_command(args, tasks, include_path, output_path, extra)
         print("+ " + " ".join(command), flush=True)
         started = time.time()
-        returncode = subprocess.run(command, env=env, check=False).returncode
+        returncode = _launch(command, env)
     results_file = _newest_results(output_path, started) if output_path.is_dir() else None
     summary = summarize(results_file, tasks)
-    failed = returncode != 0 or any(entry["status"] != "ok" for entry in summary.values())
+    skipped = read_skipped(output_path)
+    _apply_checks(summary, skipped, args.max_unjudged, args.allow_skipped)
+    failed = (returncode != 0 or any(entry["status"] != "ok" for entry in summary.values())
+              or (bool(skipped) and not args.allow_skipped))
     report = {
         "model": str(Path(args.model).resolve()),
         "tasks": summary,
         "results_file": str(results_file) if results_file else None,
         "lmms_eval_returncode": returncode,
+        "skipped_documents": len(skipped),
+        "skipped": skipped,
+        "allow_skipped": args.allow_skipped,
+        "max_unjudged": args.max_unjudged,
         "ok": not failed,
         "command": command,
     }
@@ -230,6 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary_path.write_text(json.dumps(report, indent=2) + "\n")
     print(_table(summary))
     print(f"summary: {summary_path}" + ("" if results_file else "  (lmms-eval wrote no results file)"))
+    if skipped:
+        shown = ", ".join(f"{d['task']} doc {d['doc_id']}" for d in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        print(f"{len(skipped)} document(s) skipped (answered with an empty string, scored as failed): {shown}{more}; "
+              f"errors in {summary_path}" + ("" if args.allow_skipped else " (--allow_skipped accepts them)"),
+              file=sys.stderr)
     if returncode != 0:
         print(f"lmms-eval exited with status {returncode}", file=sys.stderr)
     return 1 if failed else 0

@@ -9,7 +9,17 @@ Prompting follows LLaVA-1.5's evaluation (``llava.eval``, lmms-eval's ``llava`` 
 the single user turn of the ``vicuna_v1`` conversation; when the context has no ``<image>`` placeholder and the
 document has images, ``"<image>\\n"`` (one per image, space-separated) is put in front of it. Images are padded
 to a square with the processor's mean colour (``image_aspect_ratio=pad``, as LLaVA-1.5 trains) unless
-``image_aspect_ratio=original``.
+``image_aspect_ratio=original``: then the image goes to the processor as it is, with the processor's own padding
+turned off (``do_pad=False``; this project's folders save a ``LlavaImageProcessor(do_pad=True)``), so only its
+resize and centre crop apply.
+
+Default precision (``dtype=auto``): float16 on a GPU (LLaVA-1.5's evaluation precision), float32 on the CPU.
+
+A document whose inputs cannot be built (an image that does not decode, a processor error) does not stop the
+run: it is answered with an empty string (scored as failed), logged with its task and doc id, and counted. The
+count is logged at the end (``clean``) and, with ``skipped_report=DIR``, written to
+``DIR/clipmoe_skipped.rank<R>.json`` after every request type; ``clipmoe eval`` sets it and exits non-zero when
+any document was skipped (unless ``--allow_skipped``).
 
 Generation is greedy unless the task's ``generation_kwargs`` ask for sampling (``do_sample: true``, or a
 temperature > 0 without ``do_sample``). The task's ``until`` strings stop generation and are cut from the answer
@@ -39,9 +49,11 @@ from ...data.conversation import Turn, get_template
 from ...data.llava_images import expand_to_square
 from ..errors import EvalSetupError, check_model_folder
 
-__all__ = ["ClipMoELlava", "check_model_folder"]
+__all__ = ["SKIPPED_FILE_GLOB", "ClipMoELlava", "check_model_folder", "resolve_dtype", "skipped_file"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SKIPPED_FILE_GLOB = "clipmoe_skipped.rank*.json"
+_MAX_LOGGED_TRACEBACKS = 3
 # generation_kwargs keys passed on to `generate`; `until` and `image_aspect_ratio` are handled here.
 _GENERATE_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "do_sample", "repetition_penalty")
 
@@ -52,6 +64,21 @@ def _resolve_device(device: str | None) -> torch.device:
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process
     return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``auto`` (or empty): float16 on CUDA (LLaVA-1.5 evaluates in half precision), float32 elsewhere."""
+    name = str(dtype or "auto")
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise EvalSetupError(f"clipmoe_llava: dtype={dtype!r}; choose auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def skipped_file(folder: str | os.PathLike[str], rank: int) -> str:
+    """The JSON file where rank ``rank`` lists the documents it skipped."""
+    return os.path.join(os.fspath(folder), SKIPPED_FILE_GLOB.replace("*", str(rank)))
 
 
 def _stop_strings(until: Any) -> list[str]:
@@ -79,13 +106,15 @@ class ClipMoELlava(lmms):
 
     Model args (``--model_args k=v,...``):
         pretrained: the model folder (required).
-        dtype: ``float32`` (default), ``bfloat16`` or ``float16``.
+        dtype: ``auto`` (default: float16 on a GPU, float32 on the CPU), ``float32``, ``bfloat16``, ``float16``.
         device: ``cpu``, ``cuda``, ``cuda:N``; default ``cuda`` when available. Under ``torchrun`` /
             ``accelerate launch`` ``cuda`` means ``cuda:$LOCAL_RANK``.
         conv_template: a `clipmoe_vlm.data.conversation` template (default ``vicuna_v1``).
         max_new_tokens: default generation length when the task does not set it (1024, as upstream llava).
         batch_size: prompts per ``generate`` call (also ``--batch_size``).
-        image_aspect_ratio: ``pad`` (default; LLaVA-1.5) or ``original`` (the processor's resize/crop only).
+        image_aspect_ratio: ``pad`` (default; LLaVA-1.5) or ``original`` (the processor's resize/crop only,
+            its padding off).
+        skipped_report: folder for ``clipmoe_skipped.rank<R>.json``, the documents skipped for bad inputs.
     """
 
     is_simple = True
@@ -93,12 +122,13 @@ class ClipMoELlava(lmms):
     def __init__(
         self,
         pretrained: str = "",
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str | None = None,
         conv_template: str = "vicuna_v1",
         max_new_tokens: int = 1024,
         batch_size: int | str = 1,
         image_aspect_ratio: str = "pad",
+        skipped_report: str | None = None,
         max_batch_size: int | None = None,  # passed by the lmms-eval CLI; unused
         **unknown: Any,
     ) -> None:
@@ -106,11 +136,11 @@ class ClipMoELlava(lmms):
         if unknown:
             raise EvalSetupError(
                 f"clipmoe_llava: unknown model_args {sorted(unknown)}; valid: pretrained, dtype, device, "
-                "conv_template, max_new_tokens, batch_size, image_aspect_ratio"
+                "conv_template, max_new_tokens, batch_size, image_aspect_ratio, skipped_report"
             )
         folder = check_model_folder(pretrained)
-        if str(dtype) not in _DTYPES:
-            raise EvalSetupError(f"clipmoe_llava: dtype={dtype!r}; choose one of {sorted(_DTYPES)}")
+        if str(dtype or "auto") not in ("auto", *_DTYPES):
+            raise EvalSetupError(f"clipmoe_llava: dtype={dtype!r}; choose auto or one of {sorted(_DTYPES)}")
         if image_aspect_ratio not in ("pad", "original"):
             raise EvalSetupError(f"clipmoe_llava: image_aspect_ratio={image_aspect_ratio!r}; choose pad or original")
         try:
@@ -134,7 +164,7 @@ class ClipMoELlava(lmms):
         self._device = _resolve_device(device)
         self._rank = int(os.environ.get("RANK", "0"))
         self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=_DTYPES[str(dtype)])
+        self.model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=resolve_dtype(dtype, self._device))
         self.model.to(self._device).eval()
         self.processor = AutoProcessor.from_pretrained(folder)
         self.tokenizer = self.processor.tokenizer
@@ -145,6 +175,11 @@ class ClipMoELlava(lmms):
         mean = getattr(self.processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self._background = tuple(int(value * 255) for value in mean)
         self._warned_keys: set[str] = set()
+        self._skipped: dict[tuple[str, str, int], str] = {}  # (task, split, doc_id) -> error
+        self._skipped_report = skipped_file(skipped_report, self._rank) if skipped_report else None
+        if self._skipped_report:
+            os.makedirs(os.path.dirname(self._skipped_report) or ".", exist_ok=True)
+            self._write_skipped()  # a stale file from an earlier run must not survive this one
 
     # ------------------------------------------------------------------ lmms-eval plumbing
     @property
@@ -174,12 +209,93 @@ class ClipMoELlava(lmms):
             images.append(image)
         return images
 
-    def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        inputs = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+    def _processor_kwargs(self, aspect: str) -> dict[str, Any]:
+        """``original``: the processor's own padding off (``LlavaImageProcessor(do_pad=True)`` would pad)."""
+        if aspect == "original" and hasattr(self.processor.image_processor, "do_pad"):
+            return {"do_pad": False}
+        return {}
+
+    def _process(self, prompts: list[str], images: list[Image.Image], aspect: str) -> dict[str, torch.Tensor]:
+        """Processor outputs on the CPU (left padded)."""
+        return dict(self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt",
+                                   **self._processor_kwargs(aspect)))
+
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs = {key: value.to(self._device) for key, value in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
+
+    def _encode(self, prompts: list[str], images: list[Image.Image],
+                aspect: str | None = None) -> dict[str, torch.Tensor]:
+        return self._to_device(self._process(prompts, images, aspect or self.image_aspect_ratio))
+
+    def _collate(self, encoded: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per-document processor outputs as one left-padded batch (what the processor gives for the batch)."""
+        length = max(item["input_ids"].shape[1] for item in encoded)
+        batch: dict[str, list[torch.Tensor]] = {}
+        for item in encoded:
+            own = item["input_ids"].shape[1]
+            for key, value in item.items():
+                if key != "pixel_values" and value.dim() == 2 and value.shape[1] == own and own < length:
+                    fill = self.tokenizer.pad_token_id if key == "input_ids" else 0  # mask and token types: 0
+                    value = torch.nn.functional.pad(value, (length - own, 0), value=fill)
+                batch.setdefault(key, []).append(value)
+        return self._to_device({key: torch.cat(values, dim=0) for key, values in batch.items()})
+
+    # ------------------------------------------------------------------ documents that cannot be read
+    def _skip(self, task: str, split: str, doc_id: int, error: BaseException) -> None:
+        """Record a document whose inputs could not be built; it is answered with an empty string."""
+        key = (str(task), str(split), int(doc_id))
+        message = f"{type(error).__name__}: {error}"
+        if key not in self._skipped:
+            self._skipped[key] = message
+            text = f"clipmoe_llava: skipped {task} doc {doc_id} (answered ''): {message}"
+            if len(self._skipped) <= _MAX_LOGGED_TRACEBACKS:
+                logger.opt(exception=error).warning(text)
+            else:
+                logger.warning(text)
+
+    @property
+    def skipped_documents(self) -> list[dict[str, Any]]:
+        """The documents skipped so far on this rank: ``task``, ``split``, ``doc_id``, ``error``."""
+        return [{"task": task, "split": split, "doc_id": doc_id, "error": error}
+                for (task, split, doc_id), error in sorted(self._skipped.items())]
+
+    def _write_skipped(self) -> None:
+        if not self._skipped_report:
+            return
+        report = {"rank": self._rank, "world_size": self._world_size, "skipped": len(self._skipped),
+                  "documents": self.skipped_documents}
+        partial = self._skipped_report + ".partial"
+        with open(partial, "w") as handle:
+            json.dump(report, handle, indent=1)
+        os.replace(partial, self._skipped_report)
+
+    def _report_skipped(self) -> None:
+        self._write_skipped()
+        if self._skipped:
+            where = f" (listed in {self._skipped_report})" if self._skipped_report else ""
+            logger.warning(f"clipmoe_llava: rank {self._rank} skipped {len(self._skipped)} document(s) whose inputs "
+                           f"could not be built; each was answered with an empty string and scores as failed{where}")
+
+    def clean(self) -> None:
+        """Called by lmms-eval after the last request: report the skipped documents, then free the model."""
+        self._report_skipped()
+        super().clean()
+
+    def _document_inputs(self, request: Instance, context: str, aspect: str) -> dict[str, torch.Tensor] | None:
+        """Processor outputs (CPU) for one ``generate_until`` request, or ``None`` (recorded) when its document's
+        images cannot be read or processed."""
+        _, _, doc_to_visual, doc_id, task, split = request.args
+        try:
+            doc = self.task_dict[task][split][doc_id]  # datasets decodes the image here
+            visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+            images = self._prepare_images(visuals, aspect)
+            return self._process([self.build_prompt(context, len(images))], images, aspect)
+        except Exception as error:  # one bad document must not end a run of thousands
+            self._skip(task, split, doc_id, error)
+            return None
 
     def _generate_kwargs(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = {key: gen_kwargs[key] for key in _GENERATE_KEYS if gen_kwargs.get(key) is not None}
@@ -205,11 +321,14 @@ class ClipMoELlava(lmms):
         self, contexts: Sequence[str], visuals: Sequence[Sequence[Any]], gen_kwargs: dict[str, Any]
     ) -> list[str]:
         """Answers for prompts that share ``gen_kwargs`` (one ``generate`` call, left padded)."""
-        until = _stop_strings(gen_kwargs.get("until"))
         aspect = gen_kwargs.get("image_aspect_ratio", self.image_aspect_ratio)
         per_doc = [self._prepare_images(v, aspect) for v in visuals]
         prompts = [self.build_prompt(context, len(images)) for context, images in zip(contexts, per_doc)]
-        inputs = self._encode(prompts, [image for images in per_doc for image in images])
+        inputs = self._encode(prompts, [image for images in per_doc for image in images], aspect)
+        return self._generate(inputs, gen_kwargs)
+
+    def _generate(self, inputs: dict[str, torch.Tensor], gen_kwargs: dict[str, Any]) -> list[str]:
+        until = _stop_strings(gen_kwargs.get("until"))
         kwargs = self._generate_kwargs(gen_kwargs)
         if until:
             kwargs.update(stop_strings=until, tokenizer=self.tokenizer)
@@ -237,19 +356,21 @@ class ClipMoELlava(lmms):
                 batches.append(positions[start : start + self.batch_size])
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="clipmoe_llava generate")
         for batch in batches:
-            contexts, visuals = [], []
-            for position in batch:
-                context, _, doc_to_visual, doc_id, task, split = requests[position].args
-                contexts.append(context)
-                doc = self.task_dict[task][split][doc_id]
-                visuals.append(doc_to_visual(doc) if doc_to_visual is not None else [])
             gen_kwargs = dict(requests[batch[0]].args[1])
-            answers = self.generate_batch(contexts, visuals, gen_kwargs)
-            for position, answer in zip(batch, answers):
+            aspect = gen_kwargs.get("image_aspect_ratio", self.image_aspect_ratio)
+            encoded = {position: self._document_inputs(requests[position], requests[position].args[0], aspect)
+                       for position in batch}
+            ready = [position for position in batch if encoded[position] is not None]
+            answers = self._generate(self._collate([encoded[p] for p in ready]), gen_kwargs) if ready else []
+            by_position = dict(zip(ready, answers))
+            for position in batch:
+                answer = by_position.get(position, "")  # skipped document: empty answer, scored as failed
                 results[position] = answer
-                self.cache_hook.add_partial("generate_until", (requests[position].args[0], gen_kwargs), answer)
+                if position in by_position:
+                    self.cache_hook.add_partial("generate_until", (requests[position].args[0], gen_kwargs), answer)
             progress.update(len(batch))
         progress.close()
+        self._report_skipped()
         return results  # type: ignore[return-value]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[Any]:
@@ -260,8 +381,16 @@ class ClipMoELlava(lmms):
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="clipmoe_llava multi-round"):
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
-            doc = self.task_dict[task][split][doc_id]
-            visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+            try:
+                doc = self.task_dict[task][split][doc_id]
+                visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+                aspect = gen_kwargs.get("image_aspect_ratio", self.image_aspect_ratio)
+                images = self._prepare_images(visuals, aspect)  # a bad image fails here, not mid-dialogue
+                self._process([self.build_prompt(context, len(images))], images, aspect)
+            except Exception as error:
+                self._skip(task, split, doc_id, error)
+                results.append("")
+                continue
             answers: list[str] = []
             info = None
             final = None
@@ -275,15 +404,21 @@ class ClipMoELlava(lmms):
                 if terminal:
                     break
             results.append(final if final is not None else answers)
+        self._report_skipped()
         return results
 
     # ------------------------------------------------------------------ scoring
     def continuation_nll(self, context: str, continuation: str, visuals: Sequence[Any]) -> tuple[float, bool]:
         """Summed negative log-likelihood of ``continuation`` as the assistant's answer to ``context``, and
         whether greedy decoding would produce exactly those tokens."""
+        return self._continuation_nll(self._nll_inputs(context, visuals), continuation)
+
+    def _nll_inputs(self, context: str, visuals: Sequence[Any]) -> dict[str, torch.Tensor]:
         images = self._prepare_images(visuals, self.image_aspect_ratio)
-        prompt = self.build_prompt(context, len(images))
-        inputs = self._encode([prompt], images)
+        return self._process([self.build_prompt(context, len(images))], images, self.image_aspect_ratio)
+
+    def _continuation_nll(self, inputs: dict[str, torch.Tensor], continuation: str) -> tuple[float, bool]:
+        inputs = self._to_device(inputs)
         answer = continuation if continuation[:1].isspace() else " " + continuation
         answer_ids = self.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
         answer_ids = answer_ids.to(self._device)
@@ -304,12 +439,19 @@ class ClipMoELlava(lmms):
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="clipmoe_llava loglikelihood"):
             context, target, doc_to_visual, doc_id, task, split = request.args
-            doc = self.task_dict[task][split][doc_id]
-            continuation = target if isinstance(target, str) else target(doc)
-            if isinstance(continuation, list):  # doc_to_target may give [answer]
-                continuation = continuation[0]
-            visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-            result = self.continuation_nll(context, str(continuation), visuals)
+            try:
+                doc = self.task_dict[task][split][doc_id]
+                continuation = target if isinstance(target, str) else target(doc)
+                if isinstance(continuation, list):  # doc_to_target may give [answer]
+                    continuation = continuation[0]
+                visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+                inputs = self._nll_inputs(context, visuals)
+            except Exception as error:
+                self._skip(task, split, doc_id, error)
+                results.append((float("inf"), False))  # every option of a skipped document is equally unlikely
+                continue
+            result = self._continuation_nll(inputs, str(continuation))
             results.append(result)
             self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+        self._report_skipped()
         return results

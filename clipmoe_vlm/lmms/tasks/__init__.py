@@ -9,6 +9,8 @@ The YAMLs call lmms-eval's upstream functions directly wherever they can. What i
   module is imported with ``API_TYPE=dummy`` (no client, no network), its prompt, ``doc_to_visual``,
   ``doc_to_text`` and aggregation are reused, and the judging itself goes through `clipmoe_vlm.lmms.judge`
   (``CLIPMOE_JUDGE_*`` variables; checked once at load; any failure stops the run with one line).
+  A judge reply that is no score in [0, 1] after three tries scores 0 and counts in the task's ``unjudged``
+  metric (a count), which ``clipmoe eval`` reports and checks against ``--max_unjudged``.
 * MMBench with the judge (task ``mmbench_en_dev_local_gpt``): upstream's evaluator with its API call routed
   through the same judge. The default ``mmbench_en_dev_local`` uses upstream's API-free aggregation.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 import threading
 from types import ModuleType
@@ -25,7 +26,8 @@ from typing import Any
 
 from loguru import logger
 
-from ..judge import JudgeConfig, get_judge
+from ..errors import EvalSetupError
+from ..judge import JudgeConfig, get_judge, parse_judge_score
 from ..prepare import check_columns
 
 __all__ = [
@@ -38,13 +40,13 @@ __all__ = [
     "mmvet_doc_to_visual",
     "mmvet_process_docs",
     "mmvet_process_results",
+    "mmvet_unjudged_count",
     "parse_judge_score",
     "vizwiz_process_docs",
 ]
 
 _UPSTREAM_MMVET = "lmms_eval.tasks.mmvet.utils"
 _IMPORT_LOCK = threading.Lock()
-_SCORE = re.compile(r"^\s*([01](?:\.\d+)?|\.\d+)")
 
 
 def _source(dataset: Any, task: str) -> str:
@@ -53,7 +55,18 @@ def _source(dataset: Any, task: str) -> str:
 
 
 def mmbench_process_docs(dataset: Any) -> Any:
-    check_columns(dataset.column_names, "mmbench_en_dev", _source(dataset, "mmbench_en_dev_local"))
+    """Column check, and ``index`` must be an integer: upstream's aggregation compares it with ``1e6`` and a
+    string ``index`` would fail only after all generation."""
+    source = _source(dataset, "mmbench_en_dev_local")
+    check_columns(dataset.column_names, "mmbench_en_dev", source)
+    features = getattr(dataset, "features", None) or {}
+    index = features.get("index") if hasattr(features, "get") else None
+    dtype = getattr(index, "dtype", None)
+    if dtype is not None and not str(dtype).startswith(("int", "uint")):
+        raise EvalSetupError(
+            f"{source}: column index has type {dtype}, not an integer (upstream's aggregation compares it with "
+            "1e6); rewrite it with scripts/prepare_eval_data.py mmbench"
+        )
     return dataset
 
 
@@ -108,21 +121,14 @@ def mmvet_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, 
     return _upstream_mmvet().doc_to_text(doc, lmms_eval_specific_kwargs)
 
 
-def parse_judge_score(reply: str) -> float | None:
-    """The leading number of a judge reply if it is a score in [0, 1], else ``None``."""
-    match = _SCORE.match(reply)
-    if match is None:
-        return None
-    score = float(match.group(1))
-    return score if 0.0 <= score <= 1.0 else None
-
-
 def mmvet_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
     """Judge one answer with upstream's MM-Vet prompt; same output as upstream ``mmvet_process_results``.
 
     The judge is asked at temperature 0, then 0.5 and 1.0 if its reply is not a score in [0, 1] (upstream
-    ramps the temperature the same way). A reply that never parses scores 0 with a warning naming the
-    question; an unreachable judge raises :class:`~clipmoe_vlm.lmms.judge.JudgeError`.
+    ramps the temperature the same way); replies are read by `clipmoe_vlm.lmms.judge.parse_judge_score`, as
+    upstream reads them. A reply that never parses scores 0 with a warning naming the question, and the
+    ``unjudged`` metric counts it (1 for this document); an unreachable judge raises
+    :class:`~clipmoe_vlm.lmms.judge.JudgeError`.
     """
     upstream = _upstream_mmvet()
     prediction = results[0]
@@ -136,8 +142,8 @@ def mmvet_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, 
         if score is not None:
             break
     if score is None:
-        logger.warning(f"mmvet_local: judge reply {reply[:80]!r} for {doc['question_id']} is not a score; scored 0")
-        score = 0.0
+        logger.warning(f"mmvet_local: judge reply {reply[:80]!r} for {doc['question_id']} is not a score in [0, 1] "
+                       "after 3 tries; scored 0 and counted as unjudged")
     return {
         "gpt_eval_score": {
             "question_id": doc["question_id"],
@@ -145,14 +151,23 @@ def mmvet_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, 
             "gt_answer": doc["answer"],
             "capabilities": doc["capability"],
             "pred_answer": prediction,
-            "score": score,
+            "score": 0.0 if score is None else score,
             "eval_model": judge.config.model,
-        }
+        },
+        "unjudged": int(score is None),
     }
 
 
 def mmvet_aggregate_results(results: list[dict[str, Any]]) -> float:
     return _upstream_mmvet().mmvet_aggregate_results(results)
+
+
+def mmvet_unjudged_count(flags: list[int]) -> int:
+    """How many answers the judge never scored (each scored 0); ``clipmoe eval`` fails above ``--max_unjudged``."""
+    count = int(sum(flags))
+    if count:
+        logger.warning(f"mmvet_local: {count} of {len(flags)} answers could not be judged (scored 0)")
+    return count
 
 
 # --------------------------------------------------------------------------- MMBench
