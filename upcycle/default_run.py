@@ -19,9 +19,10 @@ from clipmoe_vlm.defaults import base_dir, ensure_world
 from clipmoe_vlm.loading import tiny_clip_config
 
 from .config import UpcycleConfig
+from .engine import embed_pairs, paired_recall
 from .recipes import decode_once, make_engine, run_upcycling, stage, validation_split
 
-__all__ = ["evaluate_on_world", "pretrain_shapes_base", "resolve_defaults", "run_comparison"]
+__all__ = ["PLATEAU_POINTS", "convergence_text", "evaluate_on_world", "pretrain_shapes_base", "resolve_defaults", "run_comparison"]
 
 
 def resolve_defaults(cfg: UpcycleConfig, accelerator) -> UpcycleConfig:
@@ -43,17 +44,52 @@ def resolve_defaults(cfg: UpcycleConfig, accelerator) -> UpcycleConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+# The base stands in for a pretrained CLIP, so it is trained until more training stops paying: held-out
+# retrieval (mean of I->T and T->I R@1 on the validation pairs) is probed along training, and the criterion is a
+# gain below this many points over the last quarter of the epochs.
+PLATEAU_POINTS = 1.0
+
+
+def _plateau(curve: list[dict], epochs: int) -> dict:
+    """The convergence evidence of a probed curve: the gain over the last quarter of training."""
+    mean = [(c["epoch"], (c["i2t_R@1"] + c["t2i_R@1"]) / 2) for c in curve if "i2t_R@1" in c]
+    if len(mean) < 2:
+        return {"criterion": f"gain < {PLATEAU_POINTS:g} points over the last quarter", "reached": None}
+    start = epochs - epochs // 4
+    before = max((e, v) for e, v in mean if e <= start)
+    gain = (mean[-1][1] - before[1]) * 100
+    return {"criterion": f"mean held-out R@1 gains < {PLATEAU_POINTS:g} points over the last quarter of training "
+                         f"(epoch {before[0]} -> {mean[-1][0]})", "last_quarter_gain_points": round(gain, 2),
+            "reached": gain < PLATEAU_POINTS}
+
+
+def convergence_text(record: dict) -> str:
+    """The base's curve and verdict, for the log, the base's card and the run's printout."""
+    curve = " ".join(f"e{c['epoch']}:{(c['i2t_R@1'] + c['t2i_R@1']) * 50:.1f}" for c in record["curve"])
+    verdict = record["plateau"]
+    state = {True: "plateau reached", False: "NOT at its plateau", None: "too few probes to judge"}[verdict["reached"]]
+    gain = verdict.get("last_quarter_gain_points")
+    return (f"tiny dense base convergence ({state}): mean held-out R@1 by epoch {curve}; "
+            + (f"last-quarter gain {gain:+.2f} points; " if gain is not None else "") + f"criterion: "
+            f"{verdict['criterion']}")
+
+
 def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
-    """Trains (once) a tiny dense CLIP from scratch on ``cfg.data``: all weights and the temperature learn."""
+    """Trains (once) a tiny dense CLIP from scratch on ``cfg.data``: all weights and the temperature learn.
+    Held-out retrieval is probed along training; the curve and the plateau verdict are kept beside the model
+    (``convergence.json``, the card) and printed. The folder name carries the settings, so a change retrains."""
     from transformers import CLIPModel
 
     from clipmoe_vlm.data.image_text import ImageTextDataset
     from clipmoe_vlm.processing import clip_image_transform, open_clip_tokenizer
 
     seed, shapes = cfg.run.seed, cfg.shapes
-    out = base_dir(seed) if shapes.shapes_scale == 1.0 else Path(f"{base_dir(seed)}-x{shapes.shapes_scale:g}")
+    scale = "" if shapes.shapes_scale == 1.0 else f"-x{shapes.shapes_scale:g}"
+    out = Path(f"{base_dir(seed)}{scale}-e{shapes.base_epochs}-lr{shapes.base_lr:g}")
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         accelerator.print(f"tiny dense base: cached at {out}")
+        if (out / "convergence.json").is_file():
+            accelerator.print(convergence_text(json.loads((out / "convergence.json").read_text())))
         return out
     accelerator.print(f"tiny dense base: training from scratch on the Shapes world ({shapes.base_epochs} epochs) "
                       f"-> {out}")
@@ -64,16 +100,31 @@ def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
                                open_clip_tokenizer(config.text_config.max_position_embeddings))
     dataset = decode_once(dataset, cfg.inputs.decode_once, accelerator)
     labels = validation_split(len(dataset), cfg.inputs.val_fraction, seed)  # the pairs the recipes hold out
+    val_idx = [int(i) for i in (labels < 0).nonzero()[0]]
     engine = make_engine(cfg, accelerator, dataset, out / "work", lambda record: None)
+    every = max(1, shapes.base_epochs // 12)
+
+    def probe(epoch: int, current) -> dict | None:
+        if val_idx and (epoch % every == 0 or epoch == shapes.base_epochs):
+            image, text, valid, _ = embed_pairs(current, dataset, val_idx, 256, accelerator, engine.num_workers,
+                                                desc=f"probe epoch {epoch}")
+            return paired_recall(image[valid], text[valid])
+        return None
+
     model, summary = engine.train_stage(model, stage(
         cfg, "scratch", "all", shapes.base_lr, 0.1, labels, epochs=shapes.base_epochs, batch_size=64,
-        learn_temperature=True, label_smoothing=0.0, warmup_steps=50, temperature=None))
+        learn_temperature=True, label_smoothing=0.0, warmup_steps=50, temperature=None), on_epoch_end=probe)
+    record = {"curve": summary["epoch_metrics"], "plateau": _plateau(summary["epoch_metrics"], shapes.base_epochs),
+              "epochs": shapes.base_epochs, "lr": shapes.base_lr, "batch_size": 64, "steps": summary["steps"]}
     if accelerator.is_main_process:
         model.save_pretrained(out)
+        (out / "convergence.json").write_text(json.dumps(record, indent=1))
         (out / "README.md").write_text(
             "# Tiny dense CLIP trained from scratch on the Shapes world\n\n"
             f"Stands in for a pretrained base in the embedded default run. {summary['steps']} steps, batch 64, "
-            f"lr {shapes.base_lr}, learned temperature; final loss {summary['final'].get('loss', float('nan')):.4f}.\n")
+            f"lr {shapes.base_lr}, learned temperature; final loss {summary['final'].get('loss', float('nan')):.4f}."
+            f"\n\n{convergence_text(record)}\n")
+    accelerator.print(convergence_text(record))
     accelerator.wait_for_everyone()
     return out
 
@@ -127,6 +178,9 @@ def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
         rows[name] = _evaluate(runs[name], world, 128)
     summary = json.loads((out / "summary.json").read_text())
     table = comparison_table(rows, summary.get("validation", {}).get("expert_load"))
+    convergence = Path(cfg.base) / "convergence.json"
+    if convergence.is_file():  # the evidence that the base stands in for a converged, pretrained CLIP
+        table = convergence_text(json.loads(convergence.read_text())) + "\n\n" + table
     (out / "comparison.md").write_text(table)
     (out / "comparison.json").write_text(json.dumps({"runs": {k: str(v) for k, v in runs.items()},
                                                      "metrics": rows}, indent=1))

@@ -100,7 +100,10 @@ class Engine:
             self.skipped_examples.extend(batch["skipped"][: 5 - len(self.skipped_examples)])
 
     # -------------------------------------------------------------------------------------------- training
-    def train_stage(self, model, spec: StageSpec):
+    def train_stage(self, model, spec: StageSpec, on_epoch_end: Callable[[int, object], dict | None] | None = None):
+        """Trains ``model`` for the stage (or loads its saved result); returns ``(model, summary)``.
+        ``on_epoch_end(epoch, model)`` runs after each epoch (1-based); what it returns goes into the summary's
+        ``epoch_metrics``."""
         acc = self.acc
         stage_dir = self.work_dir / spec.name
         done = stage_dir / "done.json"
@@ -145,6 +148,7 @@ class Engine:
                    dynamic_ncols=True)
         step = start_step
         last = {}
+        epoch_metrics: list[dict] = []
         for epoch in range(start_step // steps_per_epoch, spec.epochs):
             sampler.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
             for batch in self.loader(sampler):
@@ -179,11 +183,16 @@ class Engine:
                     self._checkpoint(model, optimizer, scheduler, step, ckpt)
                     bar.close()
                     raise StopRequested(f"stopped after {self.total_steps_done} steps (--stop-after-steps)")
+            if on_epoch_end is not None:
+                record = on_epoch_end(epoch + 1, acc.unwrap_model(ddp_model))
+                if record:
+                    epoch_metrics.append({"epoch": epoch + 1, **record})
+                    self.log({"stage": spec.name, "epoch_end": epoch + 1, **record})
         bar.close()
         model = acc.unwrap_model(ddp_model)
         for p in model.parameters():
             p.requires_grad_(False)
-        summary = {"stage": spec.name, "steps": total_steps, "final": last,
+        summary = {"stage": spec.name, "steps": total_steps, "final": last, "epoch_metrics": epoch_metrics,
                    "batches": sampler.stats.summary(sampler.leftover), "cluster_sizes": sampler.stats.cluster_sizes}
         if acc.is_main_process:
             stage_dir.mkdir(parents=True, exist_ok=True)
