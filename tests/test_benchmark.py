@@ -1,4 +1,4 @@
-"""The benchmark's FLOP formulas, its contenders against the sparse block and a naive per-expert reference,
+"""The benchmark's FLOP formulas, its contenders (the naive per-expert loop is also the reference) against the sparse block,
 and a smoke run of `scripts/benchmark.py`."""
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPMLP
@@ -25,37 +23,6 @@ from clipmoe_vlm.moe import plan_routing
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
              patch_size=8)
-
-
-class NaivePerExpertMoE(nn.Module):
-    """The reference the sparse block is checked against: transformers' former Mixtral dispatch over the same
-    router and expert tensors as a `CLIPMoESparseBlock`: for each expert, ``torch.where`` on the one-hot routing
-    mask, index the tokens, compute, ``index_add_``. With a capacity factor, the assignments `plan_routing`
-    drops are masked out (``plan.kept``)."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        block = self.block
-        batch, seq, hidden = hidden_states.shape
-        x = hidden_states.reshape(-1, hidden)
-        logits, weights, indices = block.gate(x)
-        mask = F.one_hot(indices, block.num_experts)  # (T, k, E)
-        if block.capacity_factor is not None:
-            priority = (logits.float().softmax(-1).amax(-1) if block.batch_priority_routing else None)
-            kept = plan_routing(weights, indices, block.num_experts, block.capacity_factor, priority).kept
-            mask = mask * kept[..., None]
-        mask = mask.permute(2, 1, 0)  # (E, k, T)
-        out = None
-        for e in range(block.num_experts):
-            idx, top_x = torch.where(mask[e])
-            y = block.experts.expert_forward(e, x[top_x]) * weights[top_x, idx, None].to(x.dtype)
-            if out is None:
-                out = torch.zeros(x.shape, dtype=y.dtype, device=x.device)
-            out.index_add_(0, top_x, y.to(out.dtype))
-        return out.to(hidden_states.dtype).view(batch, seq, hidden)
 
 
 def _block(**overrides) -> CLIPMoESparseBlock:
@@ -109,7 +76,7 @@ def test_naive_peer_matches_block_with_empty_expert():
     plan = plan_routing(*block.gate(x.reshape(-1, 32))[1:], num_experts=4)
     assert plan.counts[3] == 0
     with torch.no_grad():
-        torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(NaiveLoopMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -119,7 +86,7 @@ def test_naive_peer_matches_block_random_routing(seed, top_k, norm):
     with torch.no_grad():
         block.gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
         x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(100 + seed))
-        torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(NaiveLoopMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bpr", [False, True])
@@ -134,7 +101,7 @@ def test_naive_peer_matches_block_with_capacity_drops(capacity_factor, bpr):
         kept = plan_routing(w, idx, 4, capacity_factor, priority).kept
         if capacity_factor < 1.0:
             assert not kept.all()  # some assignments really are dropped
-        torch.testing.assert_close(NaivePerExpertMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(NaiveLoopMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("contender", [with_padded_bmm, NaiveLoopMoE], ids=["padded_bmm", "naive_loop"])
