@@ -4,7 +4,6 @@ and a smoke run of `scripts/benchmark.py`."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from clipmoe_cli.benchmarks.training import train_step_fn
 from clipmoe_vlm import CLIPMoESparseBlock, CLIPMoEVisionConfig, CLIPMoEVisionModel
 from clipmoe_vlm.moe import plan_routing
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
              patch_size=8)
 
