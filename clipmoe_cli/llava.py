@@ -33,13 +33,13 @@ def ensure_default_tower(tower: str | Path | None) -> None:
 def _stage_one_first(config: LlavaTrainConfig) -> None:
     """Stage 2 of the embedded default starts from stage 1's folder: train it first if it is missing."""
     resolved = config.resolve()
-    if resolved.stage != "finetune" or config.data_path is not None or not _missing(resolved.model):
+    if resolved.stage != "finetune" or config.data.data_path is not None or not _missing(resolved.modeling.model):
         return
-    print(f"[train-llava] {resolved.model} missing: running stage 1 (pretrain-cpu preset) first", flush=True)
-    argv = ["--preset", "pretrain-cpu", "--output-dir", str(resolved.model), "--world-seed", str(config.world_seed),
-            "--seed", str(config.seed)]
-    if config.vision_tower is not None:
-        argv += ["--vision-tower", config.vision_tower]
+    print(f"[train-llava] {resolved.modeling.model} missing: running stage 1 (pretrain-cpu preset) first", flush=True)
+    argv = ["--preset", "pretrain-cpu", "--output-dir", str(resolved.modeling.model), "--world-seed", str(config.data.world_seed),
+            "--seed", str(config.optim.seed)]
+    if config.modeling.vision_tower is not None:
+        argv += ["--vision-tower", config.modeling.vision_tower]
     train(argv)
 
 
@@ -47,6 +47,6 @@ def train(argv: Sequence[str] | None = None) -> Path:
     config = load_config(None if argv is None else list(argv))
     _stage_one_first(config)
     resolved = config.resolve()
-    if resolved.model is None or not _missing(resolved.model):
-        ensure_default_tower(resolved.vision_tower)
+    if resolved.modeling.model is None or not _missing(resolved.modeling.model):
+        ensure_default_tower(resolved.modeling.vision_tower)
     return run(config).output_dir

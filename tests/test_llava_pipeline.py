@@ -297,14 +297,30 @@ def test_deepspeed_configs_have_no_optimizer_or_scheduler(name):
     assert config["train_micro_batch_size_per_gpu"] == "auto"
 
 
-def test_llava_yaml_configs_parse():
-    from clipmoe_vlm.llava.train import load_config
+def test_llava_yaml_configs_and_presets_parse(tmp_path):
+    from clipmoe_vlm.llava.train import PRESETS, load_config
+    from clipmoe_vlm.run_config import ConfigError
 
     files = sorted((REPO / "configs" / "llava").glob("*.yaml"))
     assert files
     for path in files:
         cfg = load_config(["--config", str(path)])
         assert cfg.stage in ("pretrain", "finetune"), path
+    full = load_config(["--config", str(REPO / "configs" / "llava" / "finetune.yaml")])
+    assert (full.optim.learning_rate, full.run.deepspeed, full.data.group_by_modality_length) == (
+        2e-5, "configs/deepspeed/zero3.json", True)  # flat LLaVA-style keys land in their sections
+    assert set(PRESETS) == {"pretrain-cpu", "finetune-cpu", "finetune-lora-cpu"}
+    lora = load_config(["--preset", "finetune-lora-cpu", "--lora-r", "8"])  # a flag overrides the preset
+    assert (lora.tuning.lora, lora.tuning.lora_r, lora.tuning.lora_alpha, lora.run.torch_threads) == (True, 8, 32, 1)
+    finetune = load_config(["--preset", "finetune-cpu"])
+    assert (finetune.optim.learning_rate, finetune.optim.num_train_epochs) == (1e-3, 6.0)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("stage: finetune\noptim:\n  learning_rate: 3e-5\ntuning:\n  lora: true\n")
+    cfg = load_config(["--config", str(nested)])
+    assert (cfg.optim.learning_rate, cfg.tuning.lora) == (3e-5, True)
+    nested.write_text("optim:\n  learning_rate: fast\n")
+    with pytest.raises(ConfigError, match=r"nested\.yaml: learning_rate: must be float or null, got 'fast'"):
+        load_config(["--config", str(nested)])
 
 
 # --------------------------------------------------------------------------- end to end

@@ -22,6 +22,7 @@ Outputs (``--output-dir``): a standard LLaVA folder (model, processor, README.md
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -58,15 +59,7 @@ _STAGE_DEFAULTS = {
 
 
 @dataclass
-class LlavaTrainConfig:
-    """Every option of a LLaVA training run (YAML keys and ``--flags`` use these names, ``-`` for ``_``; the
-    names follow LLaVA's own training arguments). ``None`` means "the stage's default" (see `resolve`)."""
-
-    stage: Literal["pretrain", "finetune"] = setting("pretrain", "pretrain: projector only, plain template, "
-                                                                 "captions; finetune: projector + LM, instructions")
-    output_dir: str | None = setting(None, "output folder (default: runs/llava-pretrain, runs/llava-finetune or "
-                                           "runs/llava-lora)")
-    # model
+class ModelSettings:
     model: str | None = setting(None, "a LLaVA folder to start from (finetune default: the pretrain output)")
     vision_tower: str | None = setting(None, "CLIP-MoE or CLIP folder (default: runs/clip-moe)")
     language_model: str = setting(TINY_LM, "causal-LM folder or hub id, or tiny-llama (built from a config with a "
@@ -81,7 +74,10 @@ class LlavaTrainConfig:
                                                        "train (default: the tower config's)")
     router_z_loss_coef: float | None = setting(None, "router z-loss weight when the routers train (default: the "
                                                      "tower config's)")
-    # data
+
+
+@dataclass
+class DataSettings:
     data_path: str | None = setting(None, "LLaVA JSON (default: the Shapes world's captions or instructions)")
     image_folder: str | None = setting(None, "root of the image paths (default: the JSON's folder)")
     template: str | None = setting(None, "conversation template (default: plain for pretrain, vicuna_v1 after)")
@@ -92,7 +88,11 @@ class LlavaTrainConfig:
     max_samples: int | None = setting(None, "use only the first N records")
     group_by_modality_length: bool | None = setting(None, "batch image and text-only samples apart (LLaVA-1.5); "
                                                           "default per stage")
-    # what trains
+    world_seed: int = setting(0, "seed of the Shapes world used by default")
+
+
+@dataclass
+class TuningSettings:
     lora: bool = setting(False, "LoRA on the language model (finetune)")
     lora_r: int = setting(128, "LoRA rank")
     lora_alpha: int = setting(256, "LoRA alpha")
@@ -100,7 +100,10 @@ class LlavaTrainConfig:
     bits: Literal[4, 8, 16] = setting(16, "4 or 8: QLoRA (bitsandbytes-quantized LM; needs --lora)")
     train_router: bool = setting(False, "also train the tower's routers (adds the tower's aux loss)")
     train_experts: bool = setting(False, "also train the tower's experts (adds the tower's aux loss)")
-    # optimisation (LLaVA-1.5 values)
+
+
+@dataclass
+class OptimSettings:
     learning_rate: float | None = setting(None, "peak learning rate (default: 1e-3 pretrain, 2e-5 finetune, 2e-4 "
                                                 "LoRA)")
     projector_lr: float | None = setting(None, "projector learning rate (default: learning_rate; LoRA: 2e-5)")
@@ -117,9 +120,12 @@ class LlavaTrainConfig:
     bf16: bool = setting(False, "bf16 weights and autocast (GPU or a CPU with AVX-512 BF16)")
     tf32: bool = setting(False, "TF32 matmuls (Ampere+ GPUs)")
     seed: int = setting(0, "seed of initialisation and data order")
+
+
+@dataclass
+class RunSettings:
     torch_threads: int | None = setting(None, "intra-op CPU threads (the CPU presets use 1: faster for tiny "
                                               "matrices on a busy machine)")
-    # bookkeeping
     logging_steps: int = setting(10, "log every N steps")
     save_steps: int = setting(500, "checkpoint every N steps")
     save_total_limit: int | None = setting(1, "checkpoints kept")
@@ -127,35 +133,52 @@ class LlavaTrainConfig:
     deepspeed: str | None = setting(None, "DeepSpeed JSON config (configs/deepspeed/)")
     report_to: str = setting("none", "transformers report_to (none, tensorboard, wandb)")
     resume: bool = setting(False, "continue from the last checkpoint-N in --output-dir")
-    world_seed: int = setting(0, "seed of the Shapes world used by default")
+
+
+@dataclass
+class LlavaTrainConfig:
+    """Every option of a LLaVA training run, by concern. Flags and flat YAML keys use the field names (LLaVA's own
+    training-argument names); YAML may also nest them by section. ``None`` means "the stage's default" (see
+    `resolve`)."""
+
+    stage: Literal["pretrain", "finetune"] = setting("pretrain", "pretrain: projector only, plain template, "
+                                                                 "captions; finetune: projector + LM, instructions")
+    output_dir: str | None = setting(None, "output folder (default: runs/llava-pretrain, runs/llava-finetune or "
+                                           "runs/llava-lora)")
+    modeling: ModelSettings = setting(ModelSettings(), "the model: a LLaVA folder to continue, or the parts to build one from")
+    data: DataSettings = setting(DataSettings(), "the LLaVA data")
+    tuning: TuningSettings = setting(TuningSettings(), "what trains: LoRA / QLoRA, the tower's routers and experts")
+    optim: OptimSettings = setting(OptimSettings(), "optimisation (LLaVA-1.5's values)")
+    run: RunSettings = setting(RunSettings(), "checkpoints, logging, workers, engines")
 
     def resolve(self) -> LlavaTrainConfig:
         """A copy with the stage defaults filled in and the default paths chosen; checks the combination."""
-        cfg = dataclasses.replace(self)
-        if cfg.bits != 16 and not cfg.lora:
+        cfg = copy.deepcopy(self)  # the sections are objects: resolving must not change the caller's config
+        if cfg.tuning.bits != 16 and not cfg.tuning.lora:
             raise ValueError("--bits 4/8 (QLoRA) needs --lora: quantized weights cannot be trained directly")
-        if cfg.lora and cfg.stage != "finetune":
+        if cfg.tuning.lora and cfg.stage != "finetune":
             raise ValueError("--lora applies to --stage finetune")
-        if not cfg.deepspeed:
-            cfg.deepspeed = None
-        key = "finetune-lora" if cfg.lora else cfg.stage
+        if not cfg.run.deepspeed:
+            cfg.run.deepspeed = None
+        key = "finetune-lora" if cfg.tuning.lora else cfg.stage
         for source in (_STAGE_DEFAULTS[cfg.stage], _STAGE_DEFAULTS.get(key, {})):
             for name, value in source.items():
-                if name in {f.name for f in dataclasses.fields(self)} and getattr(self, name) is None:
-                    setattr(cfg, name, value)
+                section = getattr(cfg, run_config.section_of(LlavaTrainConfig, name)[0])
+                if getattr(section, name) is None:
+                    setattr(section, name, value)
         if cfg.output_dir is None:
             cfg.output_dir = str(DEFAULT_OUTPUTS[key])
-        if cfg.stage == "finetune" and cfg.model is None and cfg.vision_tower is None:
-            cfg.model = str(DEFAULT_OUTPUTS["pretrain"])
-        if cfg.model is None and cfg.vision_tower is None:
-            cfg.vision_tower = str(defaults.DEFAULT_CLIPMOE)
-        if cfg.data_path is None or cfg.image_folder is None:
+        if cfg.stage == "finetune" and cfg.modeling.model is None and cfg.modeling.vision_tower is None:
+            cfg.modeling.model = str(DEFAULT_OUTPUTS["pretrain"])
+        if cfg.modeling.model is None and cfg.modeling.vision_tower is None:
+            cfg.modeling.vision_tower = str(defaults.DEFAULT_CLIPMOE)
+        if cfg.data.data_path is None or cfg.data.image_folder is None:
             world = None
-            if cfg.data_path is None:
-                world = defaults.ensure_world(cfg.world_seed)
-                cfg.data_path = str(world / "llava" / ("pretrain.json" if cfg.stage == "pretrain" else "instruct.json"))
-            if cfg.image_folder is None:
-                cfg.image_folder = str(Path(cfg.data_path).parent)
+            if cfg.data.data_path is None:
+                world = defaults.ensure_world(cfg.data.world_seed)
+                cfg.data.data_path = str(world / "llava" / ("pretrain.json" if cfg.stage == "pretrain" else "instruct.json"))
+            if cfg.data.image_folder is None:
+                cfg.data.image_folder = str(Path(cfg.data.data_path).parent)
         return cfg
 
 
@@ -196,55 +219,55 @@ def _texts_of(records: list[dict[str, Any]]) -> list[str]:
 def _tiny_language_model(cfg: LlavaTrainConfig, vocab_size: int):
     from transformers import LlamaConfig
 
-    hidden = cfg.tiny_lm_hidden_size
+    hidden = cfg.modeling.tiny_lm_hidden_size
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                       num_hidden_layers=cfg.tiny_lm_layers, num_attention_heads=max(1, hidden // 32),
-                       num_key_value_heads=max(1, hidden // 64), max_position_embeddings=cfg.model_max_length,
+                       num_hidden_layers=cfg.modeling.tiny_lm_layers, num_attention_heads=max(1, hidden // 32),
+                       num_key_value_heads=max(1, hidden // 64), max_position_embeddings=cfg.data.model_max_length,
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 
 def _build_model(cfg: LlavaTrainConfig):
     """Model + processor: from a LLaVA folder (``--model``) or built from tower + LM (+ pretrained projector)."""
-    if cfg.model is not None:
-        model_dir = Path(cfg.model)
+    if cfg.modeling.model is not None:
+        model_dir = Path(cfg.modeling.model)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"--model {model_dir}: not a LLaVA folder (no config.json); run the pretrain "
                                     "stage first or pass --vision-tower/--language-model")
         kwargs: dict[str, Any] = {}
-        if cfg.bits in (4, 8):
+        if cfg.tuning.bits in (4, 8):
             from .lora import quantization_config
 
             kwargs["quantization_config"] = quantization_config(
-                cfg.bits, torch.bfloat16 if cfg.bf16 else torch.float32)
+                cfg.tuning.bits, torch.bfloat16 if cfg.optim.bf16 else torch.float32)
             kwargs["device_map"] = {"": _device_for_quantized()}
-        elif cfg.bf16:
+        elif cfg.optim.bf16:
             kwargs["dtype"] = torch.bfloat16
         return load_llava(model_dir, **kwargs)
-    if cfg.bits in (4, 8):
+    if cfg.tuning.bits in (4, 8):
         raise ValueError("--bits needs --model (a saved LLaVA folder, e.g. the pretrain output) to load quantized")
-    tower = Path(cfg.vision_tower)
+    tower = Path(cfg.modeling.vision_tower)
     if not (tower / "config.json").is_file():
         hint = (" (the default CLIP-MoE: build it with `clipmoe upcycle`, or train with `clipmoe train-llava`, which "
                 "builds it)") if tower.resolve() == defaults.DEFAULT_CLIPMOE.resolve() else ""
         raise FileNotFoundError(f"--vision-tower {tower}: no config.json (a CLIP-MoE or CLIP folder is needed){hint}")
-    dtype = torch.bfloat16 if cfg.bf16 else None
-    if cfg.language_model == TINY_LM:
+    dtype = torch.bfloat16 if cfg.optim.bf16 else None
+    if cfg.modeling.language_model == TINY_LM:
         from ..data.tokenizer import build_local_tokenizer
 
-        records = load_llava_records(cfg.data_path)
+        records = load_llava_records(cfg.data.data_path)
         texts = _texts_of(records) + [get_template("vicuna_v1").system]
-        other = Path(cfg.data_path).with_name("instruct.json" if cfg.stage == "pretrain" else "pretrain.json")
+        other = Path(cfg.data.data_path).with_name("instruct.json" if cfg.stage == "pretrain" else "pretrain.json")
         if other.is_file():
             texts += _texts_of(load_llava_records(other))
-        tokenizer = build_local_tokenizer(texts, vocab_size=cfg.tiny_vocab_size, model_max_length=cfg.model_max_length)
-        torch.manual_seed(cfg.seed)
+        tokenizer = build_local_tokenizer(texts, vocab_size=cfg.modeling.tiny_vocab_size, model_max_length=cfg.data.model_max_length)
+        torch.manual_seed(cfg.optim.seed)
         language_model: Any = _tiny_language_model(cfg, len(tokenizer))
     else:
-        language_model = cfg.language_model
-        tokenizer = cfg.tokenizer or cfg.language_model
-    torch.manual_seed(cfg.seed)
-    return build_llava(str(tower), language_model, tokenizer, projector=cfg.projector,
-                       vision_feature_layer=cfg.vision_feature_layer, image_aspect_ratio=cfg.image_aspect_ratio,
+        language_model = cfg.modeling.language_model
+        tokenizer = cfg.modeling.tokenizer or cfg.modeling.language_model
+    torch.manual_seed(cfg.optim.seed)
+    return build_llava(str(tower), language_model, tokenizer, projector=cfg.modeling.projector,
+                       vision_feature_layer=cfg.modeling.vision_feature_layer, image_aspect_ratio=cfg.data.image_aspect_ratio,
                        template="vicuna_v1", dtype=dtype)
 
 
@@ -254,7 +277,7 @@ def _device_for_quantized() -> str:
 
 def _group_lrs(cfg: LlavaTrainConfig) -> dict[str, float]:
     """Per-group learning rates that differ from ``learning_rate``."""
-    lrs = {"projector": cfg.projector_lr, "router": cfg.router_lr, "experts": cfg.expert_lr}
+    lrs = {"projector": cfg.optim.projector_lr, "router": cfg.optim.router_lr, "experts": cfg.optim.expert_lr}
     return {group: lr for group, lr in lrs.items() if lr is not None}
 
 
@@ -262,7 +285,7 @@ def _set_router_losses(model, cfg: LlavaTrainConfig) -> None:
     """The tower computes its aux loss from its config; these flags set that config's coefficients."""
     tower_config = model.config.vision_config
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-        value = getattr(cfg, name)
+        value = getattr(cfg.modeling, name)
         if value is not None:
             if not hasattr(tower_config, name):
                 raise ValueError(f"--{name.replace('_', '-')}: the vision tower is not a CLIP-MoE")
@@ -273,7 +296,7 @@ def _model_card(cfg: LlavaTrainConfig, model, metrics: dict[str, Any], trainable
                 kind: str) -> str:
     info = describe(model)
     lines = [
-        f"# LLaVA-1.5 ({cfg.stage}{', LoRA' if cfg.lora else ''}) with a {info['vision_tower']} vision tower",
+        f"# LLaVA-1.5 ({cfg.stage}{', LoRA' if cfg.tuning.lora else ''}) with a {info['vision_tower']} vision tower",
         "",
         "Trained with `clipmoe-vlm` (`scripts/train_llava.py`).",
         "",
@@ -283,15 +306,15 @@ def _model_card(cfg: LlavaTrainConfig, model, metrics: dict[str, Any], trainable
         "",
         "## Training",
         "",
-        f"- stage: {cfg.stage}; template: {cfg.template}; image_aspect_ratio: {cfg.image_aspect_ratio}",
-        f"- data: `{cfg.data_path}` (images: `{cfg.image_folder}`)",
-        f"- start: `{cfg.model or cfg.vision_tower}`; language model: `{cfg.language_model}`",
+        f"- stage: {cfg.stage}; template: {cfg.data.template}; image_aspect_ratio: {cfg.data.image_aspect_ratio}",
+        f"- data: `{cfg.data.data_path}` (images: `{cfg.data.image_folder}`)",
+        f"- start: `{cfg.modeling.model or cfg.modeling.vision_tower}`; language model: `{cfg.modeling.language_model}`",
         f"- trainable parameters per group: {trainable_counts}",
-        (f"- lr {cfg.learning_rate} (projector {cfg.projector_lr or cfg.learning_rate}), {cfg.lr_scheduler_type}, "
-         f"warm-up {cfg.warmup_ratio}, epochs {cfg.num_train_epochs}, max_steps {cfg.max_steps}, "
-         f"batch {cfg.per_device_train_batch_size} x accumulation {cfg.gradient_accumulation_steps} per device"),
-        (f"- LoRA: {cfg.lora} (r {cfg.lora_r}, alpha {cfg.lora_alpha}, bits {cfg.bits}); router trained: "
-         f"{cfg.train_router}; experts trained: {cfg.train_experts}"),
+        (f"- lr {cfg.optim.learning_rate} (projector {cfg.optim.projector_lr or cfg.optim.learning_rate}), {cfg.optim.lr_scheduler_type}, "
+         f"warm-up {cfg.optim.warmup_ratio}, epochs {cfg.optim.num_train_epochs}, max_steps {cfg.optim.max_steps}, "
+         f"batch {cfg.optim.per_device_train_batch_size} x accumulation {cfg.optim.gradient_accumulation_steps} per device"),
+        (f"- LoRA: {cfg.tuning.lora} (r {cfg.tuning.lora_r}, alpha {cfg.tuning.lora_alpha}, bits {cfg.tuning.bits}); router trained: "
+         f"{cfg.tuning.train_router}; experts trained: {cfg.tuning.train_experts}"),
         f"- metrics: {json.dumps(metrics, default=str)}",
         "",
         "## Loading",
@@ -357,40 +380,40 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     from .trainer import LlavaTrainer
 
     cfg = config.resolve()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    if cfg.run.torch_threads:
+        torch.set_num_threads(cfg.run.torch_threads)
     output_dir = Path(cfg.output_dir)
-    _log(f"stage {cfg.stage}{f' (LoRA, {cfg.bits}-bit)' if cfg.lora else ''}: data {cfg.data_path}, "
+    _log(f"stage {cfg.stage}{f' (LoRA, {cfg.tuning.bits}-bit)' if cfg.tuning.lora else ''}: data {cfg.data.data_path}, "
          f"output {output_dir}")
-    image_root = Path(cfg.image_folder)
+    image_root = Path(cfg.data.image_folder)
     if not image_root.is_dir():
         raise FileNotFoundError(f"--image-folder {image_root} is not a directory")
     # TrainingArguments first: with a ZeRO-3 DeepSpeed config it makes from_pretrained load the weights
     # partitioned (transformers' HfDeepSpeedConfig)
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=float(cfg.warmup_ratio),  # a float in [0, 1) is a ratio of the total steps (transformers 5)
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        logging_steps=cfg.logging_steps,
+        per_device_train_batch_size=cfg.optim.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        learning_rate=cfg.optim.learning_rate,
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=float(cfg.optim.warmup_ratio),  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        lr_scheduler_type=cfg.optim.lr_scheduler_type,
+        num_train_epochs=cfg.optim.num_train_epochs,
+        max_steps=cfg.optim.max_steps,
+        logging_steps=cfg.run.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        bf16=cfg.bf16,
-        tf32=cfg.tf32 or None,
-        activation_checkpointing=cfg.gradient_checkpointing and cfg.bits == 16,
+        save_steps=cfg.run.save_steps,
+        save_total_limit=cfg.run.save_total_limit,
+        bf16=cfg.optim.bf16,
+        tf32=cfg.optim.tf32 or None,
+        activation_checkpointing=cfg.optim.gradient_checkpointing and cfg.tuning.bits == 16,
         activation_checkpointing_kwargs={"use_reentrant": False},  # non-reentrant: router aux-loss grads flow
-        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_num_workers=cfg.run.dataloader_num_workers,
         remove_unused_columns=False,
-        report_to=cfg.report_to,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        deepspeed=cfg.deepspeed,
+        report_to=cfg.run.report_to,
+        seed=cfg.optim.seed,
+        data_seed=cfg.optim.seed,
+        deepspeed=cfg.run.deepspeed,
         disable_tqdm=True,
         save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -399,18 +422,18 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     _set_router_losses(model, cfg)
     tokenizer = processor.tokenizer
     # the saved processor pads at inference exactly when this stage trained on padded images
-    processor.image_processor.do_pad = cfg.image_aspect_ratio == "pad"
-    if cfg.stage == "pretrain" and cfg.model is None:
+    processor.image_processor.do_pad = cfg.data.image_aspect_ratio == "pad"
+    if cfg.stage == "pretrain" and cfg.modeling.model is None:
         _log(f"built LLaVA: {json.dumps(describe(model))}")
 
-    if cfg.bits in (4, 8):
+    if cfg.tuning.bits in (4, 8):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.optim.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     base_model = model
-    lora_base = cfg.model
-    if cfg.lora:
+    lora_base = cfg.modeling.model
+    if cfg.tuning.lora:
         from .lora import apply_lora
 
         if lora_base is None:  # built from parts here: keep the base next to the adapter
@@ -418,34 +441,34 @@ def run(config: LlavaTrainConfig) -> TrainResult:
             model.save_pretrained(lora_base)
             processor.save_pretrained(lora_base)
 
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
-    trainable = configure_trainable(model, cfg.stage, lora=cfg.lora, train_router=cfg.train_router,
-                                    train_experts=cfg.train_experts)
+        model = apply_lora(model, r=cfg.tuning.lora_r, alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
+    trainable = configure_trainable(model, cfg.stage, lora=cfg.tuning.lora, train_router=cfg.tuning.train_router,
+                                    train_experts=cfg.tuning.train_experts)
     counts = summarize_trainable(model)
     _log(f"trainable parameters: {counts}")
 
-    records: Any = cfg.data_path
-    if cfg.max_samples is not None:
-        records = load_llava_records(cfg.data_path)[: cfg.max_samples]
-    dataset = LlavaDataset(records, tokenizer, cfg.template, num_image_tokens=base_model.config.image_seq_length,
+    records: Any = cfg.data.data_path
+    if cfg.data.max_samples is not None:
+        records = load_llava_records(cfg.data.data_path)[: cfg.data.max_samples]
+    dataset = LlavaDataset(records, tokenizer, cfg.data.template, num_image_tokens=base_model.config.image_seq_length,
                            image_root=image_root, image_processor=processor.image_processor,
-                           image_aspect_ratio=cfg.image_aspect_ratio, model_max_length=cfg.model_max_length,
-                           strict=cfg.strict, on_mismatch="raise" if cfg.strict else "skip")
-    if cfg.strict:
+                           image_aspect_ratio=cfg.data.image_aspect_ratio, model_max_length=cfg.data.model_max_length,
+                           strict=cfg.data.strict, on_mismatch="raise" if cfg.data.strict else "skip")
+    if cfg.data.strict:
         for index in range(len(dataset)):  # fail before training, naming the record
             dataset[index]
         dataset.stats.reset()
-    _log(f"{len(dataset)} samples ({sum(dataset.has_image)} with an image), template {cfg.template}, "
+    _log(f"{len(dataset)} samples ({sum(dataset.has_image)} with an image), template {cfg.data.template}, "
          f"{base_model.config.image_seq_length} image tokens")
 
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=LlavaCollator(pad_token_id=tokenizer.pad_token_id),
-        group_lrs=_group_lrs(cfg), aux_loss=cfg.train_router or cfg.train_experts,
-        group_by_modality_length=bool(cfg.group_by_modality_length),
+        group_lrs=_group_lrs(cfg), aux_loss=cfg.tuning.train_router or cfg.tuning.train_experts,
+        group_by_modality_length=bool(cfg.data.group_by_modality_length),
     )
     resume_from = None
-    if cfg.resume and output_dir.is_dir():
+    if cfg.run.resume and output_dir.is_dir():
         resume_from = get_last_checkpoint(str(output_dir))
         _log(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {output_dir}; "
              "starting fresh")
@@ -459,7 +482,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
          f"train_loss {metrics.get('train_loss')}")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.lora:
+    if cfg.tuning.lora:
         from .lora import save_lora
 
         save_lora(model, output_dir, base_folder=lora_base)
