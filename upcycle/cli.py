@@ -2,6 +2,10 @@
 
 Settings come from the defaults, then ``--config FILE.yaml`` (same keys as the flags, with underscores), then
 the flags given. Runs on one process or under ``accelerate launch`` (DDP, CPU or GPU).
+
+An ``--output`` that already holds a run is continued (``--resume``), reused when its saved settings are the
+same, or started over (``--overwrite``); a run with other settings is refused before the folder is touched
+(`upcycle.recipes.check_output_folder`).
 """
 
 from __future__ import annotations

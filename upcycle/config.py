@@ -104,7 +104,11 @@ class ShapesDefault:
 class RunSettings:
     bf16: bool = setting(False, "bf16 autocast (CPU with AVX-512 BF16, or GPU)")
     seed: int = setting(0, "seed for data order, clustering, router init")
-    resume: bool = setting(False, "continue a run in --output from its last checkpoint")
+    resume: bool = setting(False, "continue the run in --output from its last checkpoint, with its saved settings "
+                                  "(only --num-workers, --save-every, --tensorboard, --decode-once, --compare and "
+                                  "--stop-after-steps may change)")
+    overwrite: bool = setting(False, "start over in an --output that holds a run with other settings: its run files "
+                                     "(run_config.yaml, metrics.jsonl, work/, the model, ...) are deleted first")
     save_every: int = setting(50, "checkpoint every N steps within a stage")
     tensorboard: bool = setting(False, "also log to TensorBoard through accelerate")
     stop_after_steps: int | None = setting(None, "stop as if killed after N optimizer steps in total "
@@ -145,6 +149,15 @@ class UpcycleConfig:
                           "the experts are the base FFN plus one per MCL stage")
         if self.mcl.clusters < 1:
             bad("clusters", f"must be >= 1, got {self.mcl.clusters}")
+        if self.recipe == "dmu" and self.mcl.clusters == 1 and self.mcl_stages() > 1:
+            raise ConfigError(
+                f"{where}: clusters (--clusters) is 1 with recipe dmu: every MCL stage would then train a copy of the "
+                f"base on the same batches in the same order, so experts 1 to {self.mcl_stages()} would be identical "
+                "(MCL makes the experts differ through the clusters of the earlier stages); use --clusters 2 or more "
+                "(CLIP-MoE: 3)")
+        if self.run.resume and self.run.overwrite:
+            bad("overwrite", "cannot be combined with resume: --resume continues the run in --output, --overwrite "
+                             "deletes it and starts over")
         for key, value in (("epochs", optim.epochs), ("batch_size", optim.batch_size),
                            ("save_every", self.run.save_every)):
             if value < 1:

@@ -4,12 +4,20 @@ Data order is a pure function of ``(seed, epoch)`` (`ClusterBatchSampler`), so a
 checkpoint (model, optimizer, scheduler, RNG states and the position in the epoch) continues exactly where it
 stopped. The data loader is not handed to accelerate: each process builds its own from the DDP-aware batch
 sampler, and the scheduler is stepped once per optimizer step whatever the number of processes.
+
+Every file is written under a temporary name and renamed into place, so a run killed at any moment leaves
+each file either whole or absent; a checkpoint is a folder ``checkpoint/step-N`` renamed into place as a whole,
+so its weights and optimizer state always belong to the same step.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,7 +37,8 @@ from .contrastive import clip_contrastive_loss, gather_rows, gather_with_grad
 from .mcl import ClusterBatchSampler
 from .trainable import set_trainable
 
-__all__ = ["StageSpec", "Engine", "StopRequested", "embed_pairs", "paired_recall"]
+__all__ = ["StageSpec", "Engine", "MetricsLog", "StopRequested", "atomic_write_text", "embed_pairs", "load_weights",
+           "paired_recall", "skip_together"]
 
 
 class StopRequested(RuntimeError):
@@ -43,7 +53,7 @@ class StageSpec:
     trainable: str  # a set of `upcycle.trainable`
     lr: float
     weight_decay: float
-    labels: np.ndarray  # (N,) batch-cluster id per sample, -1 = not trained on (validation, unreadable)
+    labels: np.ndarray  # (N,) batch-cluster id per sample; < 0: not trained on (-1 held out, -2 unreadable)
     epochs: int
     batch_size: int  # per process
     warmup_steps: int
@@ -64,6 +74,116 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+# ------------------------------------------------------------------------------------------------ files
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new."""
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_weights(model, path: Path) -> None:
+    tmp = _tmp(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path, what: str, remedy: str) -> dict:
+    """The tensors of the safetensors file ``path``; a truncated or damaged file is a ValueError naming it."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read {what} ({type(err).__name__}: {err}); {remedy}") from None
+
+
+def _load_state(path: Path, remedy: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: cannot read the checkpoint's optimizer state ({type(err).__name__}: {err}); "
+                         f"{remedy}") from None
+
+
+def _read_json(path: Path, what: str, remedy: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read {what} ({type(err).__name__}: {err}); {remedy}") from None
+
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (``step-N``; ``.tmp`` folders are unfinished)."""
+    if not root.is_dir():
+        return None
+    steps = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    if not steps and (root / "state.pt").is_file():
+        return root  # the flat layout of earlier versions
+    return max(steps, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)), default=None)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one line per optimizer step (plus epoch-end probes). ``rewind`` drops what a stage
+    wrote after the step it continues from, so a resumed or restarted stage never lists a step twice."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def __call__(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:  # one short write per line
+                f.write(json.dumps(record) + "\n")
+
+    def rewind(self, stage: str, step: int, steps_per_epoch: int) -> None:
+        """Keeps the lines of ``stage`` up to ``step`` (epoch-end records of epochs that ended before it)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            if record.get("stage") == stage:
+                if record.get("step", 0) > step:
+                    continue
+                # an epoch-end probe runs after the checkpoint of that epoch's last step: redone on resume
+                if "epoch_end" in record and record["epoch_end"] * steps_per_epoch >= step:
+                    continue
+            keep.append(line)
+        if keep != lines:
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+def skip_together(accelerator, empty: bool) -> bool:
+    """Whether every process skips this step: true when the batch of ANY process has no readable image.
+
+    A process without an image cannot run the forward pass, and the step needs every process (the contrastive
+    loss all-gathers the embeddings, DDP all-reduces the gradients): one process skipping alone would hang or
+    desynchronise the others. Feeding it a placeholder pair would put a fake negative into everyone's loss. So
+    all processes skip the step together, and optimizer, scheduler and step counters stay identical across
+    processes; the readable samples of the other processes in that one step are not trained on (the step is
+    logged as skipped).
+    """
+    if accelerator.num_processes == 1:
+        return empty
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if empty else 0.0], device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 class Engine:
     """Runs the stages of one run on ``dataset``; stage folders go under ``work_dir``, ``log`` writes a metrics
     line. ``resume`` continues a stage from its last checkpoint (every ``save_every`` steps)."""
@@ -81,8 +201,15 @@ class Engine:
         self.work_dir = work_dir
         self.log = log
         self.total_steps_done = 0  # across stages in this process's run, for stop_after_steps
-        self.skipped = 0
+        # unreadable images by their error message (it names the file): a file is counted once however many
+        # epochs or stages read it, and pairs sharing one image file count once
+        self.skipped_keys: set[str] = set()
         self.skipped_examples: list = []
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable image files met in training by this process."""
+        return len(self.skipped_keys)
 
     # -------------------------------------------------------------------------------------------- data
     def loader(self, sampler) -> DataLoader:
@@ -95,9 +222,11 @@ class Engine:
                           prefetch_factor=2 if workers else None, generator=torch.Generator().manual_seed(0))
 
     def _note_skips(self, batch) -> None:
-        self.skipped += batch["num_skipped"]
-        if batch["num_skipped"] and len(self.skipped_examples) < 5:
-            self.skipped_examples.extend(batch["skipped"][: 5 - len(self.skipped_examples)])
+        for index, error in batch["skipped"]:
+            if error not in self.skipped_keys:
+                self.skipped_keys.add(error)
+                if len(self.skipped_examples) < 5:
+                    self.skipped_examples.append((index, error))
 
     # -------------------------------------------------------------------------------------------- training
     def train_stage(self, model, spec: StageSpec, on_epoch_end: Callable[[int, object], dict | None] | None = None):
@@ -107,10 +236,13 @@ class Engine:
         acc = self.acc
         stage_dir = self.work_dir / spec.name
         done = stage_dir / "done.json"
+        again = f"delete the stage folder {stage_dir} to train the stage again"
         if done.is_file():
-            model.load_state_dict(load_file(stage_dir / "model.safetensors"), strict=True)
+            summary = _read_json(done, f"the summary of the finished stage {spec.name}", again)
+            model.load_state_dict(load_weights(stage_dir / "model.safetensors", f"the weights of the finished stage "
+                                               f"{spec.name}", again), strict=True)
             acc.print(f"[{spec.name}] already finished, loaded from {stage_dir}")
-            return model, json.loads(done.read_text())
+            return model, summary
 
         trainable = set_trainable(model, spec.trainable, spec.learn_temperature)
         params = dict(model.named_parameters())
@@ -130,14 +262,21 @@ class Engine:
 
         start_step = 0
         ckpt = stage_dir / "checkpoint"
-        if self.resume and (ckpt / "state.pt").is_file():
-            model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
-            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        latest = latest_checkpoint(ckpt) if self.resume else None
+        if latest is not None:
+            restart = f"delete {ckpt} to restart the stage {spec.name} from its beginning"
+            model.load_state_dict(load_weights(latest / "model.safetensors", "the checkpoint's weights", restart),
+                                  strict=True)
+            state = _load_state(latest / "state.pt", restart)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             start_step = state["step"]
-            acc.print(f"[{spec.name}] resumed at step {start_step}/{total_steps}")
+            acc.print(f"[{spec.name}] resumed at step {start_step}/{total_steps} from {latest}")
+        rewind = getattr(self.log, "rewind", None)
+        if rewind is not None and acc.is_main_process:
+            rewind(spec.name, start_step, steps_per_epoch)  # lines written after the checkpoint go
+        acc.wait_for_everyone()
 
         ddp_model, optimizer = acc.prepare(model, optimizer)
         ddp_model.train()
@@ -149,45 +288,51 @@ class Engine:
         step = start_step
         last = {}
         epoch_metrics: list[dict] = []
+
+        def end_epoch(epoch: int) -> None:  # 1-based
+            if on_epoch_end is None:
+                return
+            record = on_epoch_end(epoch, acc.unwrap_model(ddp_model))
+            if record:
+                epoch_metrics.append({"epoch": epoch, **record})
+                self.log({"stage": spec.name, "epoch_end": epoch, **record})
+
+        if start_step and start_step % steps_per_epoch == 0:
+            # the checkpoint of an epoch's last step is written before that epoch's end-of-epoch probe
+            end_epoch(start_step // steps_per_epoch)
         for epoch in range(start_step // steps_per_epoch, spec.epochs):
             sampler.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
             for batch in self.loader(sampler):
                 t0 = time.perf_counter()
                 self._note_skips(batch)
-                if batch["input_ids"].shape[0] == 0:  # every image of this batch was unreadable
-                    if acc.num_processes > 1:
-                        raise RuntimeError(f"[{spec.name}] every image of a batch failed to load on process "
-                                           f"{acc.process_index}: {batch['skipped'][:2]}; check the data")
-                    step += 1
-                    self.total_steps_done += 1
+                if skip_together(acc, batch["input_ids"].shape[0] == 0):
+                    # no readable image in this batch (on some process): the step passes without an update,
+                    # so the schedule and the step count stay those of the data
                     scheduler.step()
-                    bar.update(1)
-                    continue
-                losses = self._step(ddp_model, batch, spec)
-                acc.backward(losses["loss"])
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    record = {"skipped_batch": "no readable image (on at least one process)"}
+                else:
+                    losses = self._step(ddp_model, batch, spec)
+                    acc.backward(losses["loss"])
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    n = batch["pixel_values"].shape[0] * acc.num_processes
+                    last = {k: float(v.detach()) for k, v in losses.items()}
+                    rate = n / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.0f}")
+                    record = {"samples_per_s": rate, **last}
                 step += 1
                 self.total_steps_done += 1
-                n = batch["pixel_values"].shape[0] * acc.num_processes
-                last = {k: float(v.detach()) for k, v in losses.items()}
-                rate = n / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{rate:.0f}")
                 bar.update(1)
                 self.log({"stage": spec.name, "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": rate, **last})
+                          **record})
                 if step % self.save_every == 0 and step < total_steps:
                     self._checkpoint(model, optimizer, scheduler, step, ckpt)
                 if self.stop_after_steps is not None and self.total_steps_done >= self.stop_after_steps:
                     self._checkpoint(model, optimizer, scheduler, step, ckpt)
                     bar.close()
                     raise StopRequested(f"stopped after {self.total_steps_done} steps (--stop-after-steps)")
-            if on_epoch_end is not None:
-                record = on_epoch_end(epoch + 1, acc.unwrap_model(ddp_model))
-                if record:
-                    epoch_metrics.append({"epoch": epoch + 1, **record})
-                    self.log({"stage": spec.name, "epoch_end": epoch + 1, **record})
+            end_epoch(epoch + 1)
         bar.close()
         model = acc.unwrap_model(ddp_model)
         for p in model.parameters():
@@ -196,8 +341,9 @@ class Engine:
                    "batches": sampler.stats.summary(sampler.leftover), "cluster_sizes": sampler.stats.cluster_sizes}
         if acc.is_main_process:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, stage_dir / "model.safetensors")
-            done.write_text(json.dumps(summary, indent=1))
+            _save_weights(model, stage_dir / "model.safetensors")
+            atomic_write_text(done, json.dumps(summary, indent=1))  # last: marks the weights complete
+            shutil.rmtree(ckpt, ignore_errors=True)  # the finished stage loads from its result, not a checkpoint
         acc.wait_for_everyone()
         return model, summary
 
@@ -222,15 +368,22 @@ class Engine:
         return losses
 
     def _checkpoint(self, model, optimizer, scheduler, step: int, ckpt: Path) -> None:
+        """Writes ``ckpt/step-N`` (weights, optimizer, scheduler, RNG, step) as a whole, then drops older ones."""
         acc = self.acc
         if acc.is_main_process:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            core = acc.unwrap_model(model)
-            save_file({k: v.contiguous() for k, v in core.state_dict().items()}, ckpt / "model.safetensors.tmp")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(), "step": step}, ckpt / "state.pt.tmp")
-            (ckpt / "model.safetensors.tmp").replace(ckpt / "model.safetensors")
-            (ckpt / "state.pt.tmp").replace(ckpt / "state.pt")
+            final = ckpt / f"step-{step:08d}"
+            if not final.is_dir():  # stop_after_steps may ask again for the step just saved
+                tmp = _tmp(final)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                core = acc.unwrap_model(model)
+                save_file({k: v.contiguous() for k, v in core.state_dict().items()}, tmp / "model.safetensors")
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": _rng_state(), "step": step}, tmp / "state.pt")
+                os.replace(tmp, final)  # weights and state appear together
+            for old in ckpt.iterdir():  # older checkpoints and leftovers of a killed write
+                if old != final:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
         acc.wait_for_everyone()
 
 

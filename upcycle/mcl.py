@@ -19,7 +19,11 @@ import torch
 from sklearn.cluster import MiniBatchKMeans
 from torch.utils.data import Sampler
 
-__all__ = ["ClusterBatchSampler", "SamplerStats", "accumulate_labels", "kmeans_labels"]
+__all__ = ["HELD_OUT", "UNREADABLE", "ClusterBatchSampler", "SamplerStats", "accumulate_labels", "kmeans_labels"]
+
+# batch labels below 0: samples not trained on, and why
+HELD_OUT = -1  # the validation pairs
+UNREADABLE = -2  # training pairs whose image could not be read when they were clustered
 
 
 def kmeans_labels(features: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -53,7 +57,9 @@ class SamplerStats:
     samples_used: int = 0
     samples_left_over: int = 0
     clusters_below_global_batch: int = 0
-    excluded: int = 0
+    excluded: int = 0  # held_out + unreadable
+    held_out: int = 0
+    unreadable: int = 0
     mixed_batches: int = 0
     cluster_sizes: list[int] = field(default_factory=list)
 
@@ -61,7 +67,8 @@ class SamplerStats:
         fate = "pooled into mixed batches" if policy == "mixed" else "not used this epoch"
         return (f"{self.clusters} clusters, {self.batches} global batches, {self.samples_used} samples used; "
                 f"{self.samples_left_over} samples ({self.clusters_below_global_batch} clusters smaller than a "
-                f"global batch, plus remainders) {fate}; {self.excluded} excluded (unreadable)")
+                f"global batch, plus remainders) {fate}; {self.held_out} held out for validation"
+                + (f", {self.unreadable} unreadable" if self.unreadable else ""))
 
 
 class ClusterBatchSampler(Sampler[list[int]]):
@@ -73,7 +80,7 @@ class ClusterBatchSampler(Sampler[list[int]]):
     official sampler. With one cluster (all labels equal) this is an ordinary shuffled batch sampler.
 
     Args:
-        labels: (N,) cluster id per sample, -1 to exclude a sample.
+        labels: (N,) cluster id per sample; below 0 excludes a sample (`HELD_OUT`, `UNREADABLE`).
         batch_size: per-process batch size; a global batch is ``batch_size * num_replicas``.
         leftover: "drop" (CLIP-MoE: samples that do not fill a global batch of their cluster are not used this
             epoch, and counted) or "mixed" (they are pooled, shuffled and emitted as mixed-cluster batches last).
@@ -109,7 +116,9 @@ class ClusterBatchSampler(Sampler[list[int]]):
         global_size = self.batch_size * self.num_replicas
         clusters = sorted(int(c) for c in np.unique(self.labels) if c >= 0)
         per_cluster, left = [], []
-        stats = SamplerStats(clusters=len(clusters), excluded=int((self.labels < 0).sum()))
+        stats = SamplerStats(clusters=len(clusters), excluded=int((self.labels < 0).sum()),
+                             held_out=int((self.labels == HELD_OUT).sum()),
+                             unreadable=int((self.labels < 0).sum() - (self.labels == HELD_OUT).sum()))
         for c in clusters:
             members = np.flatnonzero(self.labels == c)
             stats.cluster_sizes.append(len(members))

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,10 +35,21 @@ from clipmoe_vlm.loading import load_clip
 
 from .config import UpcycleConfig
 from .diagnostics import expert_diversity, stage_table
-from .engine import Engine, StageSpec, embed_pairs, paired_recall
-from .mcl import accumulate_labels, kmeans_labels
+from .engine import Engine, MetricsLog, StageSpec, atomic_write_text, embed_pairs, paired_recall
+from .mcl import UNREADABLE, accumulate_labels, kmeans_labels
 
-__all__ = ["decode_once", "make_engine", "run_upcycling", "stage", "validation_split"]
+__all__ = ["NEUTRAL_SETTINGS", "check_output_folder", "decode_once", "make_engine", "run_upcycling", "stage",
+           "validation_split"]
+
+# Settings that change how a run goes, not what it computes: they may differ from the saved run_config.yaml
+# when a run folder is resumed or reused. Data order depends only on (seed, epoch), the decoded pairs give
+# exactly the streaming loader's batches, and checkpoints are exact; --compare only adds the sibling baseline
+# runs and world metrics to the diagnostics.
+NEUTRAL_SETTINGS = ("output", "resume", "overwrite", "num_workers", "save_every", "tensorboard", "decode_once",
+                    "compare", "stop_after_steps")
+# What a run writes into its folder (deleted by --overwrite); the first five mark a folder as holding a run
+RUN_FILES = ("run_config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "work", "config.json",
+             "README.md", "comparison.md", "comparison.json", ".model.tmp")
 
 _MLP = re.compile(r"\.mlp\.fc[12]\.(weight|bias)$")
 
@@ -103,28 +116,48 @@ def make_engine(cfg: UpcycleConfig, accelerator, dataset, work_dir: Path, log) -
                   resume=run.resume, save_every=run.save_every, stop_after_steps=run.stop_after_steps)
 
 
+def _load_labels(path: Path, n: int) -> np.ndarray:
+    remedy = "delete it to cluster again (or start over with --overwrite)"
+    try:
+        labels = np.load(path)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read the cached MCL cluster labels ({type(err).__name__}: {err}); "
+                         f"{remedy}") from None
+    if labels.shape != (n,):
+        raise ValueError(f"{path}: cached MCL cluster labels for {labels.shape[0]} pairs, the data has {n}; {remedy}")
+    return labels
+
+
 def _cluster(engine: Engine, model, train_idx: np.ndarray, previous, cfg: UpcycleConfig, stage: int, path: Path):
-    """Accumulated MCL labels for all pairs (-1: validation or unreadable), cached at ``path``."""
+    """Accumulated MCL labels for all pairs (-1: held out, -2: unreadable), cached at ``path``."""
     acc = engine.acc
+    n = len(engine.dataset)
     if path.is_file():
-        return np.load(path)
+        return _load_labels(path, n)
     image, text, valid, _ = embed_pairs(model, engine.dataset, train_idx.tolist(), cfg.optim.batch_size, acc,
                                         engine.num_workers, desc=f"embed for stage {stage}")
     ok = valid.numpy()
-    labels = np.full(len(engine.dataset), -1, dtype=np.int64)
     if acc.is_main_process:
+        labels = np.full(n, -1, dtype=np.int64)
+        labels[train_idx] = UNREADABLE
         k, seed = cfg.mcl.clusters, cfg.run.seed
         ci = kmeans_labels(image.numpy()[ok], k, seed + stage)
         ct = kmeans_labels(text.numpy()[ok], k, seed + 1000 + stage)
         prev = None if previous is None else previous[train_idx][ok]
-        labels[train_idx[ok]] = accumulate_labels(prev, ci, ct, k, k)
+        joint = accumulate_labels(prev, ci, ct, k, k)
+        joint[joint < 0] = UNREADABLE  # unreadable at an earlier stage
+        labels[train_idx[ok]] = joint
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, labels)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, labels)
+        os.replace(tmp, path)
     acc.wait_for_everyone()
-    labels = np.load(path)
+    labels = _load_labels(path, n)
     sizes = np.bincount(labels[labels >= 0])
     acc.print(f"[mcl-{stage}] {len(sizes)} clusters; sizes min {sizes.min()} / median {int(np.median(sizes))} / "
-              f"max {sizes.max()}; {int((~ok).sum())} unreadable pairs excluded")
+              f"max {sizes.max()}; {int((labels == UNREADABLE).sum())} unreadable pairs excluded, "
+              f"{n - len(train_idx)} held out for validation")
     return labels
 
 
@@ -157,14 +190,9 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     out = Path(cfg.output)
     work = out / "work"
     acc = accelerator
-    if acc.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
-        if not cfg.run.resume:
-            (out / "metrics.jsonl").write_text("")
-    acc.wait_for_everyone()
 
-    base = load_clip(cfg.base, seed=cfg.run.seed)
+    # ---- every input is checked before the output folder is touched
+    base = _load_base(cfg)
     if isinstance(base, CLIPMoEModel) and cfg.recipe != "dense":
         raise ValueError(f"--base {cfg.base} is already a CLIP-MoE; recipe {cfg.recipe} needs a dense CLIP")
     if cfg.inputs.text_positions is not None:  # as the official DMU's load_from_clip (Long-CLIP)
@@ -181,19 +209,36 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     dataset = ImageTextDataset(cfg.data, clip_image_transform(base.config.vision_config.image_size),
                                open_clip_tokenizer(context), max_samples=cfg.inputs.max_samples)
     dataset = decode_once(dataset, cfg.inputs.decode_once, acc)
-    acc.print(dataset.describe())
-    acc.print(f"{acc.num_processes} processes ({acc.distributed_type}), global batch "
-              f"{cfg.optim.batch_size * acc.num_processes}")
-
-    def log(record: dict) -> None:
-        if acc.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    engine = make_engine(cfg, acc, dataset, work, log)
     split = validation_split(len(dataset), cfg.inputs.val_fraction, cfg.run.seed)
     train_idx = np.flatnonzero(split >= 0)
     val_idx = np.flatnonzero(split < 0)
+    _require_a_readable_image(dataset, train_idx)
+    mode = check_output_folder(cfg)
+    acc.wait_for_everyone()  # every process has read the folder before the main one writes to it
+
+    if acc.is_main_process:
+        if mode == "overwrite":
+            _clear_run_files(out)
+        else:  # the previous comparison table is rewritten by a comparison run, and stale otherwise
+            for name in ("comparison.md", "comparison.json"):
+                (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # the settings first: a folder with run files always has them
+        atomic_write_text(out / "run_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+        work.mkdir(exist_ok=True)
+        if mode in ("new", "overwrite"):
+            atomic_write_text(out / "metrics.jsonl", "")
+    acc.wait_for_everyone()
+    if mode == "reuse":
+        acc.print(f"{out} holds a run with the same settings: " + (
+            "resuming it (finished stages are kept, an unfinished one continues from its last checkpoint)"
+            if cfg.run.resume else "its finished stages are reused, an unfinished one starts again (--resume "
+                                   "continues it from its checkpoint)"))
+    acc.print(dataset.describe())
+    acc.print(f"{acc.num_processes} processes ({acc.distributed_type}), global batch "
+              f"{cfg.optim.batch_size * acc.num_processes}")
+    log = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
+
+    engine = make_engine(cfg, acc, dataset, work, log)
     summaries = []
 
     optim, moe_shape = cfg.optim, cfg.moe
@@ -244,19 +289,25 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
             metrics[name] = paired_recall(image[valid], text[valid])
             if load:
                 metrics["expert_load"] = {k: [[round(float(x), 4) for x in row] for row in v] for k, v in load.items()}
-    skipped = engine.skipped
+    skipped_keys = engine.skipped_keys
+    if acc.num_processes > 1:  # each process met the unreadable files of its own share of the batches
+        from accelerate.utils import gather_object
+
+        skipped_keys = set().union(*gather_object([sorted(skipped_keys)]))
+    skipped = len(skipped_keys)
     if acc.is_main_process:
         model.config.upcycling_info = {"recipe": cfg.recipe, "base": cfg.base, "data": list(cfg.data),
                                        "seed": cfg.run.seed, "text_positions": text_positions} \
             if isinstance(model, CLIPMoEModel) else None
-        model.save_pretrained(out)
+        _save_model(model, out)
         report = {"recipe": cfg.recipe, "stages": summaries, "validation": metrics, "skipped_images": skipped,
                   "skipped_examples": [list(map(str, s)) for s in engine.skipped_examples],
                   "pairs": len(dataset), "validation_pairs": int(len(val_idx)), **stage_report}
-        (out / "summary.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "README.md").write_text(model_card(cfg, report, dataset.describe(), argv))
+        atomic_write_text(out / "summary.json", json.dumps(report, indent=1, default=str))
+        atomic_write_text(out / "README.md", model_card(cfg, report, dataset.describe(), argv))
     acc.wait_for_everyone()
-    acc.print(f"skipped {skipped} unreadable images" + (f" (first: {engine.skipped_examples[0]})" if skipped else ""))
+    acc.print(f"skipped {skipped} unreadable images" + (f" (first: {engine.skipped_examples[0]})"
+                                                        if engine.skipped_examples else ""))
     if "expert_load" in metrics:
         for tower, rows in metrics["expert_load"].items():
             for i, row in enumerate(rows):
@@ -266,6 +317,104 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
         acc.print("\n" + diagnostics_text(stage_report))
     acc.print(f"wrote {out}")
     return out
+
+
+def _load_base(cfg: UpcycleConfig):
+    """The ``--base`` model; a damaged weights file is an error naming the base, not a bare SafetensorError."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_clip(cfg.base, seed=cfg.run.seed)
+    except (ValueError, FileNotFoundError):
+        raise
+    except (SafetensorError, OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"--base {cfg.base}: cannot load it ({type(err).__name__}: {err}); is a weights file "
+                         "truncated or damaged?") from None
+
+
+def _require_a_readable_image(dataset, train_idx: np.ndarray) -> None:
+    """Fails before training when no training pair has a readable image (reads until the first that loads):
+    the run would otherwise save the untrained base and report the pairs as used."""
+    first_error = None
+    for i in train_idx:
+        item = dataset[int(i)]
+        if item["pixel_values"] is not None:
+            return
+        first_error = first_error or item["error"]
+    raise ValueError(f"--data: no image of the {len(train_idx)} training pairs can be read (first: {first_error}); "
+                     "nothing to train on" if len(train_idx) else
+                     "--data: no training pairs (all are held out by --val-fraction)")
+
+
+def _flat(settings: dict) -> dict:
+    """Leaf name -> value of a nested run_config dict (leaf names are unique across sections)."""
+    flat = {}
+    for key, value in settings.items():
+        flat.update(_flat(value) if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def check_output_folder(cfg: UpcycleConfig) -> str:
+    """What to do with ``cfg.output``: "new" (no run there), "reuse" (a run with the same settings: its finished
+    stages are reused, and with --resume its unfinished stage continues) or "overwrite"; anything else raises
+    a ValueError naming each setting that differs. Reads only: a refused run leaves the folder as it was."""
+    out = Path(cfg.output)
+    if cfg.run.overwrite:
+        return "overwrite"
+    present = [name for name in RUN_FILES[:5] if (out / name).exists()]
+    if not present:
+        return "new"
+    restart = "pass --overwrite to delete its run files and start over, or choose another --output"
+    saved_path = out / "run_config.yaml"
+    if not saved_path.is_file():
+        raise ValueError(f"{out} holds run files ({', '.join(present)}) but no run_config.yaml, so the settings they "
+                         f"were made with are unknown and the folder cannot be continued or reused: {restart}")
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping of settings")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"{saved_path}: cannot read the saved settings ({type(err).__name__}: {err}); "
+                         f"{restart}") from None
+    saved = _flat(saved)
+    now = _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # as saved: compared like for like
+    missing = object()
+    diffs = [f"--{key.replace('_', '-')} {saved.get(key, '(not set)')!s} -> {now.get(key, '(not set)')!s}"
+             for key in sorted(set(saved) | set(now))
+             if key not in NEUTRAL_SETTINGS and saved.get(key, missing) != now.get(key, missing)]
+    if not diffs:
+        return "reuse"
+    if cfg.run.resume:
+        raise ValueError(f"--resume continues the run in {out} with its saved settings ({saved_path}), but these "
+                         f"differ: {'; '.join(diffs)}. Drop the changes to resume, or start over with --overwrite "
+                         "(without --resume) or another --output")
+    raise ValueError(f"{out} already holds a run with other settings ({saved_path}): {'; '.join(diffs)}. A run folder "
+                     f"is not reused with changed settings: {restart}")
+
+
+def _clear_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for path in out.glob("*.tmp"):  # leftovers of a killed write
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+
+
+def _save_model(model, out: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then each file renamed into ``out`` (weights before config)."""
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    written = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+    for stale in out.glob("model*.safetensors*"):  # weights of an earlier save sharded otherwise
+        if not (tmp / stale.name).exists():
+            stale.unlink()
+    for path in written:
+        os.replace(path, out / path.name)
+    tmp.rmdir()
 
 
 def diagnostics_text(report: dict) -> str:
@@ -317,5 +466,6 @@ def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) ->
     lines += ["", "## Loading", "", "```python", "import clipmoe_vlm", "from transformers import AutoModel",
               f"model = AutoModel.from_pretrained({str(Path(cfg.output))!r})", "```", "",
               "Files: `metrics.jsonl` (one line per step), `summary.json`, `run_config.yaml` (the resolved settings), "
-              "`work/` (stage checkpoints for `--resume`; safe to delete once the run is done).", ""]
+              "`work/` (finished stages and checkpoints, reused by `--resume` and by a rerun with the same settings; "
+              "safe to delete once the run is done).", ""]
     return "\n".join(lines)
