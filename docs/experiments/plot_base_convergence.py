@@ -24,13 +24,13 @@ def main(argv: list[str]) -> None:
         epochs = [c["epoch"] for c in record["curve"]]
         mean = [(c["i2t_R@1"] + c["t2i_R@1"]) * 50 for c in record["curve"]]
         gain = record["plateau"].get("last_quarter_gain_points")
-        axes.plot(epochs, mean, marker="o", label=f"{record['epochs']} epochs, lr {record['lr']:g} "
-                                                  f"(last quarter {gain:+.1f} pts)")
+        axes.plot(epochs, mean, marker="o", label=f"{folder.name}: {record['steps']} steps of batch "
+                                                  f"{record['batch_size']} (last quarter {gain:+.1f} pts)")
     axes.set_xlabel("epoch")
     axes.set_ylabel("held-out R@1, mean of I→T and T→I (%)")
     axes.set_title("Tiny Shapes base: held-out retrieval along training")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(out, dpi=120)
     print(f"wrote {out}")
