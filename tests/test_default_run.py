@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from upcycle.cli import main
 from upcycle.reproduce import summarize
 
@@ -30,6 +32,9 @@ def test_default_run_compares_recipes_on_the_shapes_world(tmp_path, monkeypatch,
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stage_diagnostics"]) == ["base", "mcl-1", "mcl-2", "mcl-3"]
     assert all("mmvp/average" in m and "held_out/i2t_R@1" in m for m in summary["stage_diagnostics"].values())
+    held_out = summary["stage_diagnostics"]["base"]
+    p, n = held_out["held_out/i2t_R@1"], held_out["held_out/n"]  # the held-out recall carries its standard error
+    assert held_out["held_out/i2t_R@1/se"] == pytest.approx((p * (1 - p) / n) ** 0.5, abs=1e-4)
     cosines = summary["expert_diversity"]["image"]["output_cosine"]
     assert len(cosines) == 4 and all(-1.0 <= c <= 1.0 for c in cosines)  # one per MoE layer of the image tower
     # a second run reuses the cached world and base

@@ -444,10 +444,14 @@ def embed_pairs(model, dataset, indices, batch_size: int, accelerator, num_worke
 
 def paired_recall(image: torch.Tensor, text: torch.Tensor) -> dict:
     """Recall@1 and @5 both ways for paired rows (row i of ``image`` belongs to row i of ``text``), with the
-    evaluation library's keys (``i2t_R@1`` ...) and ``n``."""
+    evaluation library's keys (``i2t_R@1`` ...), ``n``, and each recall's binomial standard error
+    (``i2t_R@1/se`` ...; the evaluation library's `standard_errors`)."""
     if len(image) == 0:
         return {}
+    from clipmoe_vlm.evaluation import standard_errors
     from clipmoe_vlm.evaluation.encoder import retrieval_metrics
 
     metrics = retrieval_metrics(image, text, list(range(len(image))), ks=(1, 5))
-    return {**{key: round(value, 4) for key, value in metrics.items()}, "n": len(image)}
+    errors = standard_errors({"pairs": {**metrics, "num_images": len(image), "num_texts": len(text)}})
+    return {**{key: round(value, 4) for key, value in metrics.items()}, "n": len(image),
+            **{f"{key.removeprefix('pairs/')}/se": round(value, 4) for key, value in errors.items()}}
