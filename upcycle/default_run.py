@@ -173,10 +173,13 @@ def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return out
-    rows = {"dense base": _evaluate(Path(cfg.base), world, 128)}
+    summary = json.loads((out / "summary.json").read_text())
+    # dmu's stage diagnostics already evaluated the base on the world (the same function and sets)
+    base_row = {k: v for k, v in summary.get("stage_diagnostics", {}).get("base", {}).items()
+                if not k.startswith("held_out/")}
+    rows = {"dense base": base_row or _evaluate(Path(cfg.base), world, 128)}
     for name in ("dense", "clip-up", "dmu"):
         rows[name] = _evaluate(runs[name], world, 128)
-    summary = json.loads((out / "summary.json").read_text())
     table = comparison_table(rows, summary.get("validation", {}).get("expert_load"))
     convergence = Path(cfg.base) / "convergence.json"
     if convergence.is_file():  # the evidence that the base stands in for a converged, pretrained CLIP
