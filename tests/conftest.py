@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
+import threading
 from pathlib import Path
 
 # first: registers the Auto classes and sets the OpenMP wait policy, which acts only before torch loads
@@ -72,3 +76,41 @@ def tiny_moe():
 
     torch.manual_seed(0)
     return sparse_upcycle(CLIPModel(tiny_clip_config()), num_experts=4, top_k=2).eval()
+
+
+# ---- an OpenAI-compatible chat-completions judge on the loopback interface (lmms-eval tests) ----
+class ChatJudge:
+    """Base of the mock LLM judges: subclasses implement ``reply(prompt, body) -> str``; `serve_judge` runs one
+    and yields its base URL."""
+
+    def reply(self, prompt: str, body: dict) -> str:
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def serve_judge(judge: ChatJudge):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            content = judge.reply(body["messages"][-1]["content"], body)
+            data = json.dumps({"id": "mock", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": content}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -21,9 +21,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -35,6 +33,7 @@ from PIL import Image
 pytest.importorskip("lmms_eval")
 
 from clipmoe_vlm.lmms import MODEL_CLASS_PATH, MODEL_ID
+from conftest import ChatJudge, serve_judge
 from clipmoe_vlm.lmms.errors import EvalSetupError
 from clipmoe_vlm.lmms.judge import Judge, JudgeConfig, JudgeError, JudgeNotConfigured
 from clipmoe_vlm.lmms.prepare import (
@@ -433,43 +432,24 @@ def test_mmbench_submission_survives_control_characters(tmp_path):
 
 
 # --------------------------------------------------------------------------- judge
-class _MockJudge(BaseHTTPRequestHandler):
-    """OpenAI-compatible chat completions. MM-Vet: 0.7 for the first question, 0.4 otherwise, when the model
-    said "yes" (0.0 if not); anything else: "A"."""
+class _MockJudge(ChatJudge):
+    """MM-Vet: 0.7 for the first question, 0.4 otherwise, when the model said "yes" (0.0 if not); anything else:
+    "1.0". Records every prompt."""
 
     prompts: ClassVar[list[str]] = []
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][-1]["content"]
+    def reply(self, prompt: str, body: dict) -> str:
         self.prompts.append(prompt)
         last = prompt.strip().splitlines()[-1]
         if "Correctness" in prompt:
-            reply = "0.0" if not last.endswith("| yes |") else ("0.7" if last.startswith("first") else "0.4")
-        else:
-            reply = "1.0"
-        data = json.dumps({"id": "mock", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": reply}}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            return "0.0" if not last.endswith("| yes |") else ("0.7" if last.startswith("first") else "0.4")
+        return "1.0"
 
 
 @pytest.fixture(scope="module")
 def mock_judge():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _MockJudge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serve_judge(_MockJudge()) as url:
+        yield url
 
 
 def _free_port() -> int:

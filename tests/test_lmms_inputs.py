@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -22,6 +20,7 @@ from PIL import Image
 pytest.importorskip("lmms_eval")
 
 from clipmoe_vlm.lmms import runner
+from conftest import ChatJudge, serve_judge
 from clipmoe_vlm.lmms.errors import EvalSetupError
 from clipmoe_vlm.lmms.judge import parse_judge_score
 from clipmoe_vlm.lmms.prepare import (
@@ -264,38 +263,22 @@ def test_judge_reply_parse_table():
             assert parse_judge_score(reply) == _upstream_reads(reply), reply
 
 
-class _Judge(BaseHTTPRequestHandler):
-    """MM-Vet judge that answers "10" (out of range) to questions starting with "garbled", "0.6" otherwise."""
+class _Judge(ChatJudge):
+    """MM-Vet judge that answers "10" (out of range) to questions starting with "garbled", "0.6" otherwise; records
+    the temperature of each grading call."""
 
     temperatures: ClassVar[list[float]] = []
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][-1]["content"]
+    def reply(self, prompt: str, body: dict) -> str:
         if "Correctness" in prompt:
             self.temperatures.append(body.get("temperature"))
-        reply = "10" if prompt.strip().splitlines()[-1].startswith("garbled") else "0.6"
-        data = json.dumps({"id": "j", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        return "10" if prompt.strip().splitlines()[-1].startswith("garbled") else "0.6"
 
 
 @pytest.fixture
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with serve_judge(_Judge()) as url:
+        yield url
 
 
 def test_unparseable_judge_reply_is_counted(monkeypatch, judge_url):
