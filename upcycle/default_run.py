@@ -22,7 +22,8 @@ from .config import UpcycleConfig
 from .engine import embed_pairs, paired_recall
 from .recipes import decode_once, make_engine, run_upcycling, stage, validation_split
 
-__all__ = ["PLATEAU_POINTS", "convergence_text", "evaluate_on_world", "pretrain_shapes_base", "resolve_defaults", "run_comparison"]
+__all__ = ["PLATEAU_POINTS", "RECIPE_RATES", "convergence_text", "evaluate_on_world", "pretrain_shapes_base",
+           "resolve_defaults", "run_comparison"]
 
 
 def resolve_defaults(cfg: UpcycleConfig, accelerator) -> UpcycleConfig:
@@ -85,7 +86,10 @@ def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
 
     seed, shapes = cfg.run.seed, cfg.shapes
     scale = "" if shapes.shapes_scale == 1.0 else f"-x{shapes.shapes_scale:g}"
-    out = Path(f"{base_dir(seed)}{scale}-e{shapes.base_epochs}-lr{shapes.base_lr:g}")
+    pairs = "" if cfg.inputs.max_samples is None else f"-n{cfg.inputs.max_samples}"
+    # the held-out split is part of the name: a base must never have trained on the recipes' validation pairs
+    out = Path(f"{base_dir(seed)}{scale}{pairs}-val{cfg.inputs.val_fraction:g}-e{shapes.base_epochs}"
+               f"-lr{shapes.base_lr:g}")
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         accelerator.print(f"tiny dense base: cached at {out}")
         if (out / "convergence.json").is_file():
@@ -97,7 +101,8 @@ def pretrain_shapes_base(cfg: UpcycleConfig, accelerator) -> Path:
     config = tiny_clip_config()
     model = CLIPModel(config)
     dataset = ImageTextDataset(cfg.data, clip_image_transform(config.vision_config.image_size),
-                               open_clip_tokenizer(config.text_config.max_position_embeddings))
+                               open_clip_tokenizer(config.text_config.max_position_embeddings),
+                               max_samples=cfg.inputs.max_samples)  # the recipes see the same pairs
     dataset = decode_once(dataset, cfg.inputs.decode_once, accelerator)
     labels = validation_split(len(dataset), cfg.inputs.val_fraction, seed)  # the pairs the recipes hold out
     val_idx = [int(i) for i in (labels < 0).nonzero()[0]]
@@ -157,39 +162,82 @@ def _HEADLINE(key: str) -> bool:
     return key.endswith("R@1") or key.endswith("/top1") or key.startswith("mmvp/")
 
 
+# The learning rates a recipe trains with; --lr-sweep scales all of a recipe's rates by the same factor.
+RECIPE_RATES = {"dmu": ("mcl_lr", "router_lr"), "dense": ("dense_lr",), "clip-up": ("clipup_lr",)}
+
+
+def _held_out_retrieval(run: Path) -> float:
+    """Mean I->T / T->I R@1 of a finished run on its validation pairs (never on the evaluation sets)."""
+    result = json.loads((run / "summary.json").read_text())["validation"]["result"]
+    return (result["i2t_R@1"] + result["t2i_R@1"]) / 2
+
+
 def run_comparison(cfg: UpcycleConfig, accelerator, argv) -> Path:
-    """dmu into ``cfg.output``, dense and clip-up beside it, then one evaluation table."""
+    """dmu into ``cfg.output``, dense and clip-up beside it, then one evaluation table.
+
+    Every recipe gets the same number of steps. With ``--lr-sweep``, every recipe is also trained with its
+    learning rates scaled by each factor (``{output}-{recipe}-x{factor}``), and each recipe's run with the best
+    retrieval on the held-out validation pairs enters the table.
+    """
     out = Path(cfg.output)
+    factors = list(dict.fromkeys(cfg.shapes.lr_sweep or [1.0]))
+    if 1.0 not in factors:
+        raise ValueError(f"--lr-sweep {' '.join(f'{f:g}' for f in factors)}: include 1, the preset's own rates")
     steps_epochs = cfg.mcl_stages() + 1  # dmu: one epoch per MCL stage plus one of router tuning
-    runs = {"dmu": out}
     world = Path(cfg.data[0]).parents[1]
-    run_upcycling(dataclasses.replace(cfg, recipe="dmu"), accelerator, argv,
-                  evaluate=lambda model: evaluate_on_world(model, world))  # per-stage diagnostics on the world
-    for recipe in ("dense", "clip-up"):
-        target = out.parent / f"{out.name}-{recipe}"
-        optim = dataclasses.replace(cfg.optim, epochs=cfg.optim.epochs * steps_epochs)
-        run_upcycling(dataclasses.replace(cfg, recipe=recipe, output=str(target), optim=optim), accelerator, argv)
-        runs[recipe] = target
+    sweep: dict[str, dict[float, Path]] = {}
+    for recipe in ("dmu", "dense", "clip-up"):
+        optim = cfg.optim if recipe == "dmu" else dataclasses.replace(cfg.optim, epochs=cfg.optim.epochs * steps_epochs)
+        for factor in factors:
+            name = out.name if recipe == "dmu" else f"{out.name}-{recipe}"
+            target = out.parent / (name if factor == 1.0 else f"{out.name}-{recipe}-x{factor:g}")
+            rates = {field: getattr(optim, field) * factor for field in RECIPE_RATES[recipe]}
+            # dmu at the preset rates also reports what each MCL stage changed on the world's sets
+            evaluate = (lambda model: evaluate_on_world(model, world)) if recipe == "dmu" and factor == 1.0 else None
+            run_upcycling(dataclasses.replace(cfg, recipe=recipe, output=str(target),
+                                              optim=dataclasses.replace(optim, **rates)),
+                          accelerator, argv, evaluate=evaluate)
+            sweep.setdefault(recipe, {})[factor] = target
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return out
+    scores = {recipe: {f: _held_out_retrieval(path) for f, path in runs.items()} for recipe, runs in sweep.items()}
+    chosen = {recipe: max(s, key=lambda f: (s[f], f == 1.0)) for recipe, s in scores.items()}
     summary = json.loads((out / "summary.json").read_text())
     # dmu's stage diagnostics already evaluated the base on the world (the same function and sets)
     base_row = {k: v for k, v in summary.get("stage_diagnostics", {}).get("base", {}).items()
                 if not k.startswith("held_out/")}
     rows = {"dense base": base_row or _evaluate(Path(cfg.base), world, 128)}
-    for name in ("dense", "clip-up", "dmu"):
-        rows[name] = _evaluate(runs[name], world, 128)
-    table = comparison_table(rows, summary.get("validation", {}).get("expert_load"))
+    for recipe in ("dense", "clip-up", "dmu"):
+        rows[recipe] = _evaluate(sweep[recipe][chosen[recipe]], world, 128)
+    dmu_summary = json.loads((sweep["dmu"][chosen["dmu"]] / "summary.json").read_text())
+    table = comparison_table(rows, dmu_summary.get("validation", {}).get("expert_load"))
+    if len(factors) > 1:
+        table = sweep_text(cfg, scores, chosen) + "\n" + table
     convergence = Path(cfg.base) / "convergence.json"
     if convergence.is_file():  # the evidence that the base stands in for a converged, pretrained CLIP
         table = convergence_text(json.loads(convergence.read_text())) + "\n\n" + table
     (out / "comparison.md").write_text(table)
-    (out / "comparison.json").write_text(json.dumps({"runs": {k: str(v) for k, v in runs.items()},
-                                                     "metrics": rows}, indent=1))
+    (out / "comparison.json").write_text(json.dumps({
+        "runs": {recipe: str(sweep[recipe][chosen[recipe]]) for recipe in sweep}, "metrics": rows,
+        "lr_sweep": {recipe: {f"{f:g}": round(v, 4) for f, v in s.items()} for recipe, s in scores.items()},
+        "chosen_factor": chosen}, indent=1))
     print("\n" + table)
     accelerator.wait_for_everyone()
     return out
+
+
+def sweep_text(cfg: UpcycleConfig, scores: dict[str, dict[float, float]], chosen: dict[str, float]) -> str:
+    """The learning-rate sweep: held-out validation retrieval of every recipe at every factor."""
+    factors = list(next(iter(scores.values())))
+    lines = ["| recipe | rates at x1 | " + " | ".join(f"x{f:g}" for f in factors) + " |",
+             "| --- | --- |" + " --- |" * len(factors)]
+    for recipe, by_factor in scores.items():
+        rates = ", ".join(f"{field} {getattr(cfg.optim, field):g}" for field in RECIPE_RATES[recipe])
+        cells = [f"**{v * 100:.1f}**" if f == chosen[recipe] else f"{v * 100:.1f}" for f, v in by_factor.items()]
+        lines.append(f"| {recipe} | {rates} | " + " | ".join(cells) + " |")
+    return ("Learning-rate sweep (mean held-out validation R@1, percent; bold: the run compared below):\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def comparison_table(rows: dict[str, dict], expert_load: dict | None = None) -> str:

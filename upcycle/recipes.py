@@ -46,7 +46,7 @@ __all__ = ["NEUTRAL_SETTINGS", "check_output_folder", "decode_once", "make_engin
 # exactly the streaming loader's batches, and checkpoints are exact; --compare only adds the sibling baseline
 # runs and world metrics to the diagnostics.
 NEUTRAL_SETTINGS = ("output", "resume", "overwrite", "num_workers", "save_every", "tensorboard", "decode_once",
-                    "compare", "stop_after_steps")
+                    "compare", "lr_sweep", "stop_after_steps")
 # What a run writes into its folder (deleted by --overwrite); the first five mark a folder as holding a run
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "work", "config.json",
              "README.md", "comparison.md", "comparison.json", ".model.tmp")
