@@ -85,5 +85,9 @@ def test_plateau_criterion_reads_the_last_quarter_of_the_curve():
     flat = [{"epoch": e, "i2t_R@1": min(0.5, 0.2 * e), "t2i_R@1": min(0.5, 0.2 * e)} for e in (2, 4, 6, 8)]
     assert _plateau(rising, 8)["last_quarter_gain_points"] == 2.5 and _plateau(rising, 8)["reached"] is False
     assert _plateau(flat, 8)["last_quarter_gain_points"] == 0.0 and _plateau(flat, 8)["reached"] is True
+    # with the probes' standard errors the verdict carries the standard error of the gain
+    probed = [{**c, "i2t_R@1/se": 0.03, "t2i_R@1/se": 0.04} for c in rising]
+    assert _plateau(probed, 8)["last_quarter_gain_se_points"] == pytest.approx(100 * (2 * 0.025 ** 2) ** 0.5, abs=0.01)
+    assert "+2.50 ± 3.54 (one s.e. of the probes)" in convergence_text({"curve": probed, "plateau": _plateau(probed, 8)})
     text = convergence_text({"curve": flat, "plateau": _plateau(flat, 8)})
     assert text.startswith("tiny dense base convergence (plateau reached)") and "e8:50.0" in text

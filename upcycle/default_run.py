@@ -56,17 +56,29 @@ PLATEAU_POINTS = 1.0
 BASE_WARMUP_STEPS = 200
 
 
+def _mean_recall(probe: dict) -> tuple[float, float | None]:
+    """Mean of I->T and T->I R@1 of a probe, and its standard error (the two directions taken as independent)."""
+    errors = [probe.get(f"{d}_R@1/se") for d in ("i2t", "t2i")]
+    se = (errors[0] ** 2 + errors[1] ** 2) ** 0.5 / 2 if None not in errors else None
+    return (probe["i2t_R@1"] + probe["t2i_R@1"]) / 2, se
+
+
 def _plateau(curve: list[dict], epochs: int) -> dict:
-    """The convergence evidence of a probed curve: the gain over the last quarter of training."""
-    mean = [(c["epoch"], (c["i2t_R@1"] + c["t2i_R@1"]) / 2) for c in curve if "i2t_R@1" in c]
-    if len(mean) < 2:
+    """The convergence evidence of a probed curve: the gain over the last quarter of training, with the standard
+    error of that difference (the probes are finite samples of validation pairs)."""
+    probes = [(c["epoch"], *_mean_recall(c)) for c in curve if "i2t_R@1" in c]
+    if len(probes) < 2:
         return {"criterion": f"gain < {PLATEAU_POINTS:g} points over the last quarter", "reached": None}
     start = epochs - epochs // 4
-    before = max((e, v) for e, v in mean if e <= start)
-    gain = (mean[-1][1] - before[1]) * 100
-    return {"criterion": f"mean held-out R@1 gains < {PLATEAU_POINTS:g} points over the last quarter of training "
-                         f"(epoch {before[0]} -> {mean[-1][0]})", "last_quarter_gain_points": round(gain, 2),
-            "reached": gain < PLATEAU_POINTS}
+    before = max(p for p in probes if p[0] <= start)
+    last = probes[-1]
+    gain = (last[1] - before[1]) * 100
+    record = {"criterion": f"mean held-out R@1 gains < {PLATEAU_POINTS:g} points over the last quarter of training "
+                           f"(epoch {before[0]} -> {last[0]})", "last_quarter_gain_points": round(gain, 2),
+              "reached": gain < PLATEAU_POINTS}
+    if before[2] is not None and last[2] is not None:
+        record["last_quarter_gain_se_points"] = round(100 * (before[2] ** 2 + last[2] ** 2) ** 0.5, 2)
+    return record
 
 
 def convergence_text(record: dict) -> str:
@@ -74,9 +86,10 @@ def convergence_text(record: dict) -> str:
     curve = " ".join(f"e{c['epoch']}:{(c['i2t_R@1'] + c['t2i_R@1']) * 50:.1f}" for c in record["curve"])
     verdict = record["plateau"]
     state = {True: "plateau reached", False: "NOT at its plateau", None: "too few probes to judge"}[verdict["reached"]]
-    gain = verdict.get("last_quarter_gain_points")
+    gain, se = verdict.get("last_quarter_gain_points"), verdict.get("last_quarter_gain_se_points")
+    noise = f" ± {se:.2f} (one s.e. of the probes)" if se is not None else ""
     return (f"tiny dense base convergence ({state}): mean held-out R@1 by epoch {curve}; "
-            + (f"last-quarter gain {gain:+.2f} points; " if gain is not None else "") + f"criterion: "
+            + (f"last-quarter gain {gain:+.2f}{noise} points; " if gain is not None else "") + f"criterion: "
             f"{verdict['criterion']}")
 
 
