@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="image-loading worker processes, 0 loads in the main process (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
+    parser.add_argument("--experts-implementation", choices=("grouped_mm", "eager", "batched_mm"), default=None,
+                        help="experts kernel of a CLIP-MoE model (default: grouped_mm, transformers' default)")
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0,
@@ -129,6 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
     shapes_tasks = shapes_encoder_tasks(shapes) if shapes is not None else None  # layout errors before loading
 
     model = _load_model(args.model)
+    if args.experts_implementation is not None:
+        from clipmoe_vlm import CLIPMoEModel
+
+        if not isinstance(model, CLIPMoEModel):
+            raise SystemExit(f"--experts-implementation: --model {args.model} is not a CLIP-MoE")
+        model.set_experts_implementation(args.experts_implementation)
     transform, tokenizer = _transform_and_tokenizer(model, args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     common = {"batch_size": args.batch_size, "device": device, "bf16": args.bf16, "num_workers": args.num_workers,

@@ -16,7 +16,15 @@ Mixtral and Switch/V-MoE code bases use:
   top-1 gate value (batch priority routing); ``None`` keeps every token;
 - ``router_aux_loss_coef``, ``router_z_loss_coef``, ``router_local_entropy_coef``, ``router_global_entropy_coef``
   (with ``router_global_entropy_min_experts``): weights of the router losses that each tower adds to the
-  ``aux_loss`` of its output (load balancing, z-loss, LIMoE's local and global entropy).
+  ``aux_loss`` of its output (load balancing, z-loss, LIMoE's local and global entropy);
+- ``output_router_logits``: whether a forward returns the router logits (and so ``aux_loss``) when the call does
+  not say; False for a tower (as Mixtral's config), True for the two-tower `CLIPMoEConfig`, whose forward has
+  always returned them.
+
+The experts kernel is transformers' ``experts_implementation`` (``"grouped_mm"`` when unset, ``"eager"``,
+``"batched_mm"``): a constructor keyword of every config here (``CLIPMoEConfig(experts_implementation=...)`` sets
+both towers; a dict such as ``{"vision_config": "eager"}`` sets one) or of ``from_pretrained``. Like
+``attn_implementation`` it is not written to ``config.json``.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ class MoETowerFields:
     router_local_entropy_coef: float = 0.0
     router_global_entropy_coef: float = 0.0
     router_global_entropy_min_experts: float | None = None
+    output_router_logits: bool = False
 
     def moe_layer_indices(self) -> list[int]:
         """The sorted indices of the MoE layers of this tower."""
@@ -131,3 +140,4 @@ class CLIPMoEConfig(CLIPConfig):
     }
 
     upcycling_info: dict | None = None
+    output_router_logits: bool = True

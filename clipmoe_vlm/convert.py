@@ -36,6 +36,7 @@ from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 from .checkpoint import CheckpointMismatchError, check_shapes
 from .configuration_clip_moe import MOE_CONFIG_FIELDS, CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .modeling_clip_moe import CLIPMoEModel, CLIPMoETextModel, CLIPMoEVisionModel
+from .moe import rename_legacy_expert_key
 
 __all__ = [
     "CheckpointMismatchError",
@@ -68,6 +69,7 @@ LONGCLIP_TEXT_POSITIONS = 248
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"):
     """``model.load_state_dict(state_dict, strict=True)`` with one clear error naming the first bad key."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state_dict = {rename_legacy_expert_key(k): v for k, v in state_dict.items()}  # pre-interface expert names
     check_shapes(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -203,6 +205,11 @@ def moe_config_from_dense(dense_config, num_experts: int = 4, top_k: int = 2, mo
 _MLP_KEY = re.compile(r"^(?P<prefix>.*encoder\.layers\.(?P<layer>\d+)\.mlp)\.(?P<fc>fc[12])\.(?P<kind>weight|bias)$")
 
 
+def _expert_param(fc: str, kind: str) -> str:
+    """The stacked experts parameter that holds a dense ``mlp.{fc}.{kind}`` (experts interface names)."""
+    return {"fc1": "up_proj", "fc2": "down_proj"}[fc] + ("_bias" if kind == "bias" else "")
+
+
 def _normalize_hf_keys(state_dict: Mapping[str, torch.Tensor], target_keys) -> dict[str, torch.Tensor]:
     """Drops the transformers 4.x standalone ``vision_model.``/``text_model.`` prefix when the target has none."""
     target_has_prefix = any(k.startswith(("vision_model.", "text_model.")) for k in target_keys)
@@ -218,7 +225,7 @@ def upcycle_state_dict(dense_sd: Mapping[str, torch.Tensor], moe_model: nn.Modul
                        expert_sources: list[Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """Maps a dense transformers-CLIP state dict onto ``moe_model``'s keys.
 
-    Each MoE layer's ``mlp.fc1``/``fc2`` become the stacked ``mlp.experts.fc1_*``/``fc2_*`` tensors: expert ``e``
+    Each MoE layer's ``mlp.fc1``/``fc2`` become the stacked ``mlp.experts.up_proj*``/``down_proj*`` tensors: expert ``e``
     takes its FFN from ``expert_sources[e]`` (default: every expert is a copy of ``dense_sd``, sparse upcycling).
     Routers keep ``moe_model``'s own (fresh) initialisation. Every dense key is used exactly once.
     """
@@ -233,7 +240,7 @@ def upcycle_state_dict(dense_sd: Mapping[str, torch.Tensor], moe_model: nn.Modul
         match = _MLP_KEY.match(key)
         moe_key = None
         if match:
-            moe_key = f"{match['prefix']}.experts.{match['fc']}_{match['kind']}"
+            moe_key = f"{match['prefix']}.experts.{_expert_param(match['fc'], match['kind'])}"
         if moe_key is not None and moe_key in target:
             num_experts = target[moe_key].shape[0]
             if num_sources is not None and num_sources != num_experts:
@@ -267,7 +274,7 @@ def _hf_moe_class(dense: nn.Module):
 
 
 def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None, upcycling_info: dict | None = None,
-                   **moe_options):
+                   experts_implementation: str | None = None, **moe_options):
     """Turns a dense CLIP into a CLIP-MoE whose experts are copies of the dense FFN (sparse upcycling).
 
     Args:
@@ -278,6 +285,8 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
             ``{"vision": spec, "text": spec}`` (see `parse_moe_layers`).
         moe_options: further MoE config fields (``norm_topk_prob``, ``router_jitter_noise``, ``expert_dropout``,
             ``capacity_factor``, ``batch_priority_routing``, ``router_aux_loss_coef``, ``router_z_loss_coef``).
+        experts_implementation: the experts kernel (``"grouped_mm"``, ``"eager"``, ``"batched_mm"``; None: the
+            default, grouped_mm); it does not change the function, and it is not saved with the model.
 
     With renormalised top-k weights (the default) the result computes exactly the dense function until the
     experts are trained apart; the routers are new.
@@ -295,6 +304,8 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
     moe = moe_cls(config)
     state = upcycle_state_dict(dense.state_dict(), moe)
     load_state_dict_checked(moe, state, source=f"upcycled {type(dense).__name__}")
+    if experts_implementation is not None:
+        moe.set_experts_implementation(experts_implementation)
     return moe.to(next(dense.parameters()).dtype).train(dense.training)
 
 
@@ -360,7 +371,7 @@ def _convert_blocks(sd, src_prefix: str, dst_prefix: str, num_layers: int, out: 
                                 f"key '{src}experts.{e}.{fc_src}.{kind}' has shape {tuple(piece.shape)}, expert 0 "
                                 f"has {tuple(pieces[0].shape)}"
                             )
-                    out[dst + f"mlp.experts.{fc_dst}_{kind}"] = torch.stack(pieces)
+                    out[dst + f"mlp.experts.{_expert_param(fc_dst, kind)}"] = torch.stack(pieces)
             out[dst + "mlp.gate.weight"] = take("gate.weight")
             moe_layers.append(i)
         else:
@@ -441,7 +452,7 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
         raise CheckpointMismatchError(f"{source}: key '{leftover[0]}' is not understood ({len(leftover)} left over)")
 
     def first_intermediate(prefix, moe):
-        key = f"{prefix}encoder.layers.0.mlp." + ("experts.fc1_weight" if 0 in moe else "fc1.weight")
+        key = f"{prefix}encoder.layers.0.mlp." + ("experts.up_proj" if 0 in moe else "fc1.weight")
         return out[key].shape[-2]
 
     vocab = tok.shape[0]
@@ -458,8 +469,8 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
         config = CLIPConfig(vision_config=vision, text_config=text, projection_dim=proj.shape[1],
                             logit_scale_init_value=scale)
         return config, out
-    e = out[f"vision_model.encoder.layers.{v_moe[0]}.mlp.experts.fc1_weight"].shape[0] if v_moe else \
-        out[f"text_model.encoder.layers.{t_moe[0]}.mlp.experts.fc1_weight"].shape[0]
+    e = out[f"vision_model.encoder.layers.{v_moe[0]}.mlp.experts.up_proj"].shape[0] if v_moe else \
+        out[f"text_model.encoder.layers.{t_moe[0]}.mlp.experts.up_proj"].shape[0]
     config = CLIPMoEConfig(
         vision_config={**vision, "num_experts": e, "top_k": top_k,
                        "moe_layers": None if len(v_moe) == v_layers else v_moe},

@@ -2,7 +2,10 @@
 
 The classes subclass transformers' CLIP classes and replace only ``encoder.layers[i].mlp`` by
 `CLIPMoESparseBlock`, so every dense key keeps its name and meaning; an MoE layer's keys are
-``...layers.{i}.mlp.gate.weight`` and ``...layers.{i}.mlp.experts.{fc1,fc2}_{weight,bias}``.
+``...layers.{i}.mlp.gate.weight`` and ``...layers.{i}.mlp.experts.{up_proj,up_proj_bias,down_proj,down_proj_bias}``
+(transformers' experts interface). Folders written before the experts interface (``experts.fc1_weight``,
+``fc1_bias``, ``fc2_weight``, ``fc2_bias``) load unchanged through `LEGACY_EXPERT_KEYS`, a conversion mapping
+registered with transformers, in a CLIP-MoE folder and in a LLaVA folder with a CLIP-MoE tower alike.
 
 - `CLIPMoEVisionModel`: a drop-in for ``CLIPVisionModel`` (``last_hidden_state``, ``pooler_output``,
   ``hidden_states`` selectable by index as transformers' LLaVA asks for them), plus ``router_logits`` when called
@@ -13,8 +16,12 @@ The classes subclass transformers' CLIP classes and replace only ``encoder.layer
   logits, and on its output the router logits of each tower and ``aux_loss`` (each tower's load-balancing and
   z-loss weighted by its config's coefficients).
 
-Router logits are recorded with transformers' output capturing (hooks on `CLIPMoERouter`), the mechanism its
-own MoE models use, so no module keeps state between calls.
+Every model takes ``experts_implementation`` (``"grouped_mm"``, the default, ``"eager"``, ``"batched_mm"``) in its
+config or at ``from_pretrained``, and ``set_experts_implementation`` switches it (see `clipmoe_vlm.moe`).
+
+Router logits: each encoder layer returns ``(hidden_states, router_logits)`` (None for a dense layer) and
+transformers' output capturing records index 1 of the layers' outputs, so no module keeps state between calls and
+the logits come out of a (reentrant) gradient checkpoint with their gradient.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import (
     CLIPAttention,
     CLIPEncoder,
@@ -46,9 +55,9 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint import check_shapes, safetensors_shapes
-from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig, MoETowerFields
 from .losses import global_entropy_loss, load_balancing_loss, local_entropy_loss, router_z_loss
-from .moe import CLIPMoEExperts, CLIPMoERouter, CLIPMoESparseBlock
+from .moe import LEGACY_EXPERT_KEYS, CLIPMoEExperts, CLIPMoERouter, CLIPMoESparseBlock, rename_legacy_expert_key
 
 __all__ = [
     "CLIPMoEModel",
@@ -84,14 +93,81 @@ class CLIPMoEOutput(CLIPOutput):
     text_router_logits: tuple[torch.Tensor, ...] | None = None
 
 
+def _register_legacy_expert_keys() -> None:
+    """Adds `LEGACY_EXPERT_KEYS` to transformers' ``legacy`` conversion mapping, the one ``from_pretrained`` applies
+    to every model (so also to the CLIP-MoE tower inside a LLaVA) and a fresh model's ``save_pretrained`` does not
+    reverse: new folders get the new names. (A mapping registered under a model type would be reversed when a
+    model built in memory is saved, writing the old names.) As transformers does for its own legacy renamings, a
+    model loaded from an old folder is saved in that folder's layout unless ``save_original_format=False``."""
+    legacy = get_checkpoint_conversion_mapping("legacy") or []
+    if any(t.source_patterns == [old] for t in legacy for old in LEGACY_EXPERT_KEYS):
+        return
+    # A pattern ending in a letter or digit matches up to a name boundary, so ``fc1_weight`` never matches a longer
+    # name, and in reverse (saving) ``up_proj`` never matches ``up_proj_bias``.
+    ours = [WeightRenaming(source_patterns=old, target_patterns=new) for old, new in LEGACY_EXPERT_KEYS.items()]
+    register_checkpoint_conversion_mapping("legacy", legacy + ours, overwrite=True)
+
+
+_register_legacy_expert_keys()
+
+
+def _let_llava_choose_experts_implementation() -> None:
+    """Lets ``experts_implementation="grouped_mm"`` (``from_pretrained``, ``set_experts_implementation``) reach the
+    CLIP-MoE tower of transformers' LLaVA. transformers refuses an explicit ``"grouped_mm"`` for a model whose
+    modeling file has no ``@use_experts_implementation``: LLaVA's own classes, and a dense language model (Llama).
+    Two narrow changes: LLaVA's classes say they can set the experts implementation (they hand it to their
+    sub-models), and a LLaVA config whose vision config is a CLIP-MoE one gives a plain ``"grouped_mm"`` to itself
+    and its vision config and resets its text config to its default (``grouped_mm`` where the language model has
+    experts, else eager). Any other value, and any other LLaVA, goes through transformers unchanged."""
+    from transformers.models.llava import configuration_llava, modeling_llava
+
+    classes = [modeling_llava.LlavaPreTrainedModel]
+    while classes:  # transformers caches its source-code check per class
+        cls = classes.pop()
+        cls._can_set_experts_implementation_cached_value = True
+        classes += cls.__subclasses__()
+    config_cls = configuration_llava.LlavaConfig
+    if getattr(config_cls, "_clipmoe_routes_grouped_mm", False):
+        return
+    base = PreTrainedConfig._experts_implementation
+
+    def set_experts_implementation(self, value):
+        if value == "grouped_mm" and isinstance(getattr(self, "vision_config", None), MoETowerFields):
+            value = {"": value, "vision_config": value, "text_config": None}
+        base.fset(self, value)
+
+    config_cls._experts_implementation = property(base.fget, set_experts_implementation)
+    config_cls._clipmoe_routes_grouped_mm = True
+
+
+_let_llava_choose_experts_implementation()
+
+
 class CLIPMoEEncoderLayer(CLIPEncoderLayer):
-    """A CLIP encoder layer whose MLP is sparse when ``layer_idx`` is one of the config's MoE layers."""
+    """A CLIP encoder layer whose MLP is sparse when ``layer_idx`` is one of the config's MoE layers.
+
+    Returns ``(hidden_states, router_logits)``, ``router_logits`` None in a dense layer: returned rather than
+    hooked inside, the logits leave a gradient checkpoint as its outputs, with their gradient."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config)
         self.layer_idx = layer_idx
-        if config.is_moe_layer(layer_idx):
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
             self.mlp = CLIPMoESparseBlock(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states),
+                                          attention_mask=attention_mask, **kwargs)
+        hidden_states = residual + hidden_states
+        router_logits = None
+        if self.is_moe:
+            mlp_out, router_logits = self.mlp(self.layer_norm2(hidden_states))
+        else:
+            mlp_out = self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states + mlp_out, router_logits
 
 
 class CLIPMoEEncoder(CLIPEncoder):
@@ -100,6 +176,13 @@ class CLIPMoEEncoder(CLIPEncoder):
         self.config = config
         self.layers = nn.ModuleList([CLIPMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutput:
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states, _ = layer(hidden_states, attention_mask, **kwargs)  # positional: reentrant checkpointing
+        return BaseModelOutput(last_hidden_state=hidden_states)
 
 
 class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
@@ -110,8 +193,13 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
     _can_record_outputs = {
         "hidden_states": CLIPEncoderLayer,
         "attentions": CLIPAttention,
-        "router_logits": OutputRecorder(CLIPMoERouter, index=0),
+        "router_logits": OutputRecorder(CLIPMoEEncoderLayer, index=1),
     }
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for the decorator in the model's own module; the experts live in clipmoe_vlm.moe
+        return True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -127,6 +215,7 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
                     config = cls.config_class.from_pretrained(path)
                 with torch.device("meta"):
                     expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+                found = {rename_legacy_expert_key(k): v for k, v in found.items()}
                 check_shapes(expected, {k: v for k, v in found.items() if k in expected or "mlp" in k},
                              source=str(path / "model.safetensors"), require_all=False)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
@@ -142,10 +231,10 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
             cfg = self._tower_config_of(module)
             fc1_std = (2 * cfg.hidden_size) ** -0.5 * factor  # as transformers' CLIPMLP
             fc2_std = (cfg.hidden_size**-0.5) * ((2 * cfg.num_hidden_layers) ** -0.5) * factor
-            init.normal_(module.fc1_weight, std=fc1_std)
-            init.normal_(module.fc2_weight, std=fc2_std)
-            init.zeros_(module.fc1_bias)
-            init.zeros_(module.fc2_bias)
+            init.normal_(module.up_proj, std=fc1_std)
+            init.normal_(module.down_proj, std=fc2_std)
+            init.zeros_(module.up_proj_bias)
+            init.zeros_(module.down_proj_bias)
 
     def _tower_config_of(self, module: nn.Module):
         if isinstance(self.config, CLIPMoEConfig):
@@ -218,7 +307,7 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel, CLIPTextModel):
         input_ids = input_ids.view(-1, input_ids.shape[-1])
         hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-                                  past_key_values=None)
+                                  cache=None)
         kwargs.pop("is_causal", None)
         last_hidden_state = self.encoder(inputs_embeds=hidden_states, attention_mask=mask, is_causal=True,
                                          **kwargs).last_hidden_state
@@ -284,9 +373,11 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel, CLIPModel):
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
-        output_router_logits: bool = True,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> CLIPMoEOutput:
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         vision_outputs = self.get_image_features(pixel_values=pixel_values,
                                                  interpolate_pos_encoding=interpolate_pos_encoding,
                                                  output_router_logits=output_router_logits, **kwargs)

@@ -81,7 +81,7 @@ def test_experts_are_copies_and_routers_are_new(tiny_dense_clip):
     moe = sparse_upcycle(tiny_dense_clip, num_experts=4, top_k=2, moe_layers={"vision": "last-2", "text": [0]})
     assert moe.config.vision_config.moe_layers == [1, 2] and moe.config.text_config.moe_layers == [0]
     dense_fc1 = tiny_dense_clip.vision_model.encoder.layers[2].mlp.fc1.weight
-    experts = moe.vision_model.encoder.layers[2].mlp.experts.fc1_weight
+    experts = moe.vision_model.encoder.layers[2].mlp.experts.up_proj
     for e in range(4):
         assert torch.equal(experts[e], dense_fc1)
     assert torch.equal(moe.vision_model.encoder.layers[0].mlp.fc1.weight,
@@ -100,7 +100,7 @@ def test_vision_model_and_legacy_prefixed_layout(tiny_dense_clip, pixel_values):
     # transformers 4.x saved a standalone CLIPVisionModel with a leading "vision_model." prefix
     legacy = {"vision_model." + k: v for k, v in dense_tower.state_dict().items()}
     state = upcycle_state_dict(legacy, moe)
-    assert torch.equal(state["encoder.layers.0.mlp.experts.fc1_weight"][1],
+    assert torch.equal(state["encoder.layers.0.mlp.experts.up_proj"][1],
                        dense_tower.state_dict()["encoder.layers.0.mlp.fc1.weight"])
 
 
@@ -163,11 +163,11 @@ def to_official_layout(moe) -> dict[str, torch.Tensor]:
                     out[d + f"mlp.{fc_dst}.bias"] = sd[s + f"mlp.{fc_src}.bias"]
                 continue
             out[d + "gate.weight"] = sd[s + "mlp.gate.weight"]
-            for e in range(sd[s + "mlp.experts.fc1_weight"].shape[0]):
-                out[d + f"experts.{e}.c_fc.weight"] = sd[s + "mlp.experts.fc1_weight"][e]
-                out[d + f"experts.{e}.c_fc.bias"] = sd[s + "mlp.experts.fc1_bias"][e]
-                out[d + f"experts.{e}.c_proj.weight"] = sd[s + "mlp.experts.fc2_weight"][e]
-                out[d + f"experts.{e}.c_proj.bias"] = sd[s + "mlp.experts.fc2_bias"][e]
+            for e in range(sd[s + "mlp.experts.up_proj"].shape[0]):
+                out[d + f"experts.{e}.c_fc.weight"] = sd[s + "mlp.experts.up_proj"][e]
+                out[d + f"experts.{e}.c_fc.bias"] = sd[s + "mlp.experts.up_proj_bias"][e]
+                out[d + f"experts.{e}.c_proj.weight"] = sd[s + "mlp.experts.down_proj"][e]
+                out[d + f"experts.{e}.c_proj.bias"] = sd[s + "mlp.experts.down_proj_bias"][e]
     return {k: v.clone() for k, v in out.items()}
 
 

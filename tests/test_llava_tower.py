@@ -57,7 +57,7 @@ def test_forward_backward_reaches_tower_and_projector(tiny_llava, pixel_values):
     assert tiny_llava.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
     # layer 0 feeds the selected layer -2 (of 3), so its experts and router get gradients
     layer0 = tiny_llava.model.vision_tower.encoder.layers[0].mlp
-    assert layer0.experts.fc1_weight.grad.abs().sum() > 0 and layer0.gate.weight.grad.abs().sum() > 0
+    assert layer0.experts.up_proj.grad.abs().sum() > 0 and layer0.gate.weight.grad.abs().sum() > 0
 
 
 def test_generate_and_save_reload(tiny_llava, pixel_values, tmp_path):

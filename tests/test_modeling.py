@@ -45,8 +45,8 @@ def test_moe_layers_place_sparse_blocks():
     vision_sparse = [isinstance(layer.mlp, CLIPMoESparseBlock) for layer in model.vision_model.encoder.layers]
     text_sparse = [isinstance(layer.mlp, CLIPMoESparseBlock) for layer in model.text_model.encoder.layers]
     assert vision_sparse == [True, False, True] and text_sparse == [False, True]
-    assert model.vision_model.encoder.layers[0].mlp.experts.fc1_weight.shape == (4, 64, 32)
-    assert model.text_model.encoder.layers[1].mlp.experts.fc1_weight.shape == (3, 48, 32)
+    assert model.vision_model.encoder.layers[0].mlp.experts.up_proj.shape == (4, 64, 32)
+    assert model.text_model.encoder.layers[1].mlp.experts.up_proj.shape == (3, 48, 32)
 
 
 def test_outputs_router_logits_and_aux_loss(pixel_values, input_ids):

@@ -1,4 +1,5 @@
-"""The sparse block against a naive reference: routing, combine weights, dispatch, capacity and priority."""
+"""The sparse block against a naive reference: routing, combine weights, dispatch, capacity and priority (under
+every experts implementation: eager, grouped_mm, batched_mm)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from clipmoe_vlm import CLIPMoESparseBlock, CLIPMoEVisionConfig
-from clipmoe_vlm.moe import plan_routing
+from clipmoe_vlm.moe import capacity_mask
+
+IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
-def make_block(**overrides) -> CLIPMoESparseBlock:
+def make_block(implementation: str = "eager", **overrides) -> CLIPMoESparseBlock:
     cfg = CLIPMoEVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                              **{"num_experts": 4, "top_k": 2, **overrides})
+                              experts_implementation=implementation, **{"num_experts": 4, "top_k": 2, **overrides})
     torch.manual_seed(0)
     block = CLIPMoESparseBlock(cfg)
     with torch.no_grad():
@@ -36,28 +39,32 @@ def naive_moe(block: CLIPMoESparseBlock, x: torch.Tensor, keep: torch.Tensor | N
             if keep is not None and not keep[t, j]:
                 continue
             e = int(idx[j])
-            h = F.linear(flat[t], block.experts.fc1_weight[e], block.experts.fc1_bias[e])
-            h = block.experts.activation_fn(h)
-            out[t] += w[j] * F.linear(h, block.experts.fc2_weight[e], block.experts.fc2_bias[e])
+            h = F.linear(flat[t], block.experts.up_proj[e], block.experts.up_proj_bias[e])
+            h = block.experts.act_fn(h)
+            out[t] += w[j] * F.linear(h, block.experts.down_proj[e], block.experts.down_proj_bias[e])
     return out.view_as(x)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("norm", [True, False])
-def test_dispatch_matches_naive_loop(top_k, norm):
-    block = make_block(top_k=top_k, norm_topk_prob=norm)
+def test_dispatch_matches_naive_loop(top_k, norm, implementation):
+    block = make_block(implementation, top_k=top_k, norm_topk_prob=norm)
     x = torch.randn(3, 7, 16)
-    torch.testing.assert_close(block(x), naive_moe(block, x), atol=1e-5, rtol=1e-5)
+    out, logits = block(x)
+    torch.testing.assert_close(out, naive_moe(block, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, F.linear(x.reshape(-1, 16), block.gate.weight))
 
 
-def test_expert_without_tokens():
-    block = make_block()
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_expert_without_tokens(implementation):
+    block = make_block(implementation)
     with torch.no_grad():  # a router that never picks expert 3
         block.gate.weight[3] = -100.0 * block.gate.weight[:3].abs().sum(0)
     x = torch.randn(2, 5, 16).abs()
-    plan = plan_routing(*block.gate(x.reshape(-1, 16))[1:], num_experts=4)
-    assert plan.counts[3] == 0 and sum(plan.counts) == 2 * 5 * 2
-    torch.testing.assert_close(block(x), naive_moe(block, x), atol=1e-5, rtol=1e-5)
+    counts = torch.bincount(block.gate(x.reshape(-1, 16))[2].reshape(-1), minlength=4)
+    assert counts[3] == 0 and counts.sum() == 2 * 5 * 2
+    torch.testing.assert_close(block(x)[0], naive_moe(block, x), atol=1e-5, rtol=1e-5)
 
 
 def test_renormalised_weights_sum_to_one_and_raw_gates_do_not():
@@ -71,8 +78,9 @@ def test_renormalised_weights_sum_to_one_and_raw_gates_do_not():
     assert w.dtype == torch.float32
 
 
-def test_capacity_drops_and_matches_reference():
-    block = make_block(capacity_factor=0.5)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_capacity_drops_and_matches_reference(implementation):
+    block = make_block(implementation, capacity_factor=0.5)
     x = torch.randn(2, 9, 16)
     flat = x.reshape(-1, 16)
     _, w, idx = block.gate(flat)
@@ -87,10 +95,14 @@ def test_capacity_drops_and_matches_reference():
             if fill[ex] < capacity:
                 keep[tok, j] = True
                 fill[ex] += 1
-    plan = plan_routing(w, idx, e, capacity_factor=0.5)
-    assert torch.equal(plan.kept, keep)
-    assert max(plan.counts) <= capacity and sum(plan.counts) == int(keep.sum()) < t * k
-    torch.testing.assert_close(block(x), naive_moe(block, x, keep), atol=1e-5, rtol=1e-5)
+    kept = capacity_mask(idx, e, capacity_factor=0.5)
+    assert torch.equal(kept, keep)
+    counts = torch.bincount(idx[kept], minlength=e)
+    assert counts.max() <= capacity and counts.sum() == int(keep.sum()) < t * k
+    torch.testing.assert_close(block(x)[0], naive_moe(block, x, keep), atol=1e-5, rtol=1e-5)
+    # a dropped assignment keeps a valid expert index and gets weight 0 (every implementation ignores it)
+    _, w_kept, idx_kept = block.route(flat)
+    assert torch.equal(idx_kept, idx) and (w_kept[~keep] == 0).all() and torch.equal(w_kept[keep], w[keep])
 
 
 def test_batch_priority_routing_keeps_confident_tokens():
@@ -98,49 +110,67 @@ def test_batch_priority_routing_keeps_confident_tokens():
     num_experts, t = 4, 8
     weights = torch.linspace(0.3, 0.9, t)[:, None]
     indices = torch.zeros(t, 1, dtype=torch.long)
-    plan = plan_routing(weights, indices, num_experts, capacity_factor=1.0, priority=weights[:, 0])
+    kept = capacity_mask(indices, num_experts, capacity_factor=1.0, priority=weights[:, 0])
     capacity = math.ceil(1 * t * 1.0 / num_experts)  # 2
-    assert plan.kept[:, 0].tolist() == [False] * (t - capacity) + [True] * capacity
-    plan_fifo = plan_routing(weights, indices, num_experts, capacity_factor=1.0)
-    assert plan_fifo.kept[:, 0].tolist() == [True] * capacity + [False] * (t - capacity)
+    assert kept[:, 0].tolist() == [False] * (t - capacity) + [True] * capacity
+    kept_fifo = capacity_mask(indices, num_experts, capacity_factor=1.0)
+    assert kept_fifo[:, 0].tolist() == [True] * capacity + [False] * (t - capacity)
 
 
-def test_bpr_block_uses_raw_top1_probability():
-    block = make_block(capacity_factor=0.25, batch_priority_routing=True)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bpr_block_uses_raw_top1_probability(implementation):
+    block = make_block(implementation, capacity_factor=0.25, batch_priority_routing=True)
     x = torch.randn(1, 16, 16)
     flat = x.reshape(-1, 16)
-    logits, w, idx = block.gate(flat)
+    logits, _, idx = block.gate(flat)
     priority = logits.softmax(-1).amax(-1)
-    plan = plan_routing(w, idx, 4, 0.25, priority)
-    torch.testing.assert_close(block(x), naive_moe(block, x, plan.kept), atol=1e-5, rtol=1e-5)
+    kept = capacity_mask(idx, 4, 0.25, priority)
+    assert not kept.all()
+    torch.testing.assert_close(block(x)[0], naive_moe(block, x, kept), atol=1e-5, rtol=1e-5)
 
 
-def test_dropout_and_jitter_only_in_training():
-    block = make_block(expert_dropout=0.5, router_jitter_noise=1.0)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_dropout_and_jitter_only_in_training(implementation):
+    block = make_block(implementation, expert_dropout=0.5, router_jitter_noise=1.0)
     x = torch.randn(2, 6, 16)
-    torch.testing.assert_close(block(x), block(x))  # eval: deterministic
+    torch.testing.assert_close(block(x)[0], block(x)[0])  # eval: deterministic
     block.train()
     torch.manual_seed(0)
-    a = block(x)
+    a = block(x)[0]
     torch.manual_seed(1)
-    b = block(x)
+    b = block(x)[0]
     assert not torch.allclose(a, b)
 
 
-def test_gradients_reach_router_and_experts():
-    block = make_block().train()
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_expert_dropout_acts_between_activation_and_output_projection(implementation):
+    """Every implementation drops the activations (CLIP-MoE's placement): with dropout 1-eps nearly every hidden
+    unit is zeroed, so each expert returns about its output bias."""
+    block = make_block(implementation, expert_dropout=0.999999).train()
+    x = torch.randn(2, 6, 16)
+    torch.manual_seed(0)
+    out = block(x)[0].reshape(-1, 16)
+    _, w, idx = block.gate(x.reshape(-1, 16))
+    expected = (w[..., None] * block.experts.down_proj_bias[idx]).sum(1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gradients_reach_router_and_experts(implementation):
+    block = make_block(implementation).train()
     x = torch.randn(2, 6, 16, requires_grad=True)
-    block(x).square().sum().backward()
+    block(x)[0].square().sum().backward()
     assert block.gate.weight.grad is not None and block.gate.weight.grad.abs().sum() > 0
-    assert block.experts.fc1_weight.grad.abs().sum() > 0
+    assert block.experts.up_proj.grad.abs().sum() > 0 and block.experts.down_proj_bias.grad.abs().sum() > 0
     assert x.grad is not None
 
 
-def test_bf16_autocast_runs_close_to_fp32():
-    block = make_block()
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bf16_autocast_runs_close_to_fp32(implementation):
+    block = make_block(implementation)
     x = torch.randn(2, 6, 16)
-    ref = block(x)
+    ref = block(x)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = block(x)
+        out = block(x)[0]
     assert out.dtype in (torch.bfloat16, torch.float32)
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)

@@ -93,5 +93,5 @@ def test_wheel_works_outside_the_repository(tmp_path):
     # the embedded default starts: world and base under $CLIPMOE_CACHE, the run under the working folder
     _run([sys.executable, "-m", "clipmoe_cli", "upcycle", "--shapes-scale", "0.02", "--base-epochs", "1",
           "--num-workers", "0", "--batch-size", "8", "--no-compare", "--recipe", "dense"], work, env, timeout=600)
-    assert (work / "cache" / "base-shapes-seed0-x0.02-e1-lr0.002" / "model.safetensors").is_file()
+    assert (work / "cache" / "base-shapes-seed0-x0.02-n2000-val0.1-e1-lr0.002" / "model.safetensors").is_file()
     assert (work / "runs" / "clip-moe" / "model.safetensors").is_file()

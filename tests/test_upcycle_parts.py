@@ -112,7 +112,7 @@ def test_trainable_sets_are_exact(tiny_dense_clip):
                                                                  "vision_model.encoder.layers.2",
                                                                  "text_model.encoder.layers.0",
                                                                  "text_model.encoder.layers.1")
-                              for n in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")}
+                              for n in ("up_proj", "up_proj_bias", "down_proj", "down_proj_bias")}
     assert "logit_scale" not in set_trainable(moe, "all")
     assert "logit_scale" in set_trainable(moe, "router", learn_temperature=True)
     with pytest.raises(ValueError, match="selects no parameter"):

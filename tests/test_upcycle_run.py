@@ -57,7 +57,7 @@ def test_dmu_run_produces_distinct_experts_and_reloads(pairs, tmp_path):
     model = AutoModel.from_pretrained(out).eval()
     assert isinstance(model, CLIPMoEModel)
     for tower in (model.vision_model, model.text_model):
-        experts = tower.encoder.layers[0].mlp.experts.fc1_weight
+        experts = tower.encoder.layers[0].mlp.experts.up_proj
         assert experts.shape[0] == 4
         for a in range(4):
             for b in range(a + 1, 4):
@@ -65,7 +65,7 @@ def test_dmu_run_produces_distinct_experts_and_reloads(pairs, tmp_path):
     # expert 0 is the base FFN (tiny-random base, seed 0)
     from clipmoe_vlm.loading import load_clip
     base = load_clip("tiny-random", seed=0)
-    assert torch.equal(model.vision_model.encoder.layers[1].mlp.experts.fc1_weight[0],
+    assert torch.equal(model.vision_model.encoder.layers[1].mlp.experts.up_proj[0],
                        base.vision_model.encoder.layers[1].mlp.fc1.weight)
     summary = json.loads((out / "summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["mcl-1", "mcl-2", "mcl-3", "router"]

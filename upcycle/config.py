@@ -33,6 +33,8 @@ class MoEShape:
     capacity_factor: float | None = setting(None, "expert capacity factor with token dropping")
     batch_priority_routing: bool = setting(False, "fill expert capacity by top-1 gate value")
     norm_topk_prob: bool = setting(True, "renormalise the top-k gates (CLIP-MoE, Mixtral); off: raw gates")
+    experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] | None = setting(
+        None, "experts kernel (transformers' experts interface; default grouped_mm); does not change the result")
 
 
 @dataclass

@@ -52,8 +52,8 @@ def expert_diversity(model, pixel_values: torch.Tensor, input_ids: torch.Tensor)
             pairs = itertools.combinations(range(experts.num_experts), 2)
             cosine.append(round(float(torch.stack([F.cosine_similarity(outputs[a], outputs[b], dim=-1).mean()
                                                    for a, b in pairs]).mean()), 4))
-            base = torch.cat([experts.fc1_weight[0].flatten(), experts.fc2_weight[0].flatten()])
-            distance.append([round(float(torch.cat([experts.fc1_weight[e].flatten(), experts.fc2_weight[e].flatten()])
+            base = torch.cat([experts.up_proj[0].flatten(), experts.down_proj[0].flatten()])
+            distance.append([round(float(torch.cat([experts.up_proj[e].flatten(), experts.down_proj[e].flatten()])
                                          .sub(base).norm() / base.norm()), 4) for e in range(experts.num_experts)])
         report[tower] = {"output_cosine": cosine, "weight_distance": distance}
     return report

@@ -43,10 +43,10 @@ __all__ = ["NEUTRAL_SETTINGS", "check_output_folder", "decode_once", "make_engin
 
 # Settings that change how a run goes, not what it computes: they may differ from the saved run_config.yaml
 # when a run folder is resumed or reused. Data order depends only on (seed, epoch), the decoded pairs give
-# exactly the streaming loader's batches, and checkpoints are exact; --compare only adds the sibling baseline
-# runs and world metrics to the diagnostics.
+# exactly the streaming loader's batches, and checkpoints are exact; --compare and --lr-sweep only add sibling
+# runs and world metrics to the diagnostics; the experts kernels compute the same function.
 NEUTRAL_SETTINGS = ("output", "resume", "overwrite", "num_workers", "save_every", "tensorboard", "decode_once",
-                    "compare", "lr_sweep", "stop_after_steps")
+                    "compare", "lr_sweep", "stop_after_steps", "experts_implementation")
 # What a run writes into its folder (deleted by --overwrite); the first five mark a folder as holding a run
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "work", "config.json",
              "README.md", "comparison.md", "comparison.json", ".model.tmp")
@@ -59,7 +59,8 @@ def _moe_options(cfg: UpcycleConfig) -> dict:
     moe, losses = cfg.moe, cfg.losses
     return dict(expert_dropout=moe.expert_dropout, router_jitter_noise=moe.router_jitter_noise,
                 capacity_factor=moe.capacity_factor, batch_priority_routing=moe.batch_priority_routing,
-                norm_topk_prob=moe.norm_topk_prob, router_z_loss_coef=losses.z_loss_coef,
+                norm_topk_prob=moe.norm_topk_prob, experts_implementation=moe.experts_implementation,
+                router_z_loss_coef=losses.z_loss_coef,
                 router_local_entropy_coef=losses.local_entropy_coef,
                 router_global_entropy_coef=losses.global_entropy_coef,
                 router_global_entropy_min_experts=losses.global_entropy_min_experts,

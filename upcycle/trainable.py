@@ -17,9 +17,9 @@ from torch import nn
 
 __all__ = ["TRAINABLE_SETS", "set_trainable"]
 
-_FFN = re.compile(r"\.mlp\.(fc[12]\.(weight|bias)|experts\.fc[12]_(weight|bias))$")
+_FFN = re.compile(r"\.mlp\.(fc[12]\.(weight|bias)|experts\.(up|down)_proj(_bias)?)$")
 _ROUTER = re.compile(r"\.mlp\.gate\.weight$")
-_EXPERTS = re.compile(r"\.mlp\.experts\.fc[12]_(weight|bias)$")
+_EXPERTS = re.compile(r"\.mlp\.experts\.(up|down)_proj(_bias)?$")
 
 TRAINABLE_SETS = ("mcl", "router", "experts+router", "all", "ffn")
 

@@ -4,7 +4,6 @@ that ``--profile`` records."""
 
 from __future__ import annotations
 
-import copy
 import statistics
 
 import torch
@@ -15,13 +14,14 @@ from transformers import CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from clipmoe_vlm import CLIPMoEVisionConfig, CLIPMoEVisionModel
-from clipmoe_vlm.moe import CLIPMoESparseBlock, plan_routing
+from clipmoe_vlm.moe import CLIPMoESparseBlock, capacity_mask
 
 from .models import VIT_SIZES, cpu_autocast, vision_configs
 from .timing import interleaved, moe_layer_flops, vision_tower_flops
 
 __all__ = [
     "NaiveLoopMoE",
+    "PaddedBmmMoE",
     "bench_moe_layer",
     "bench_tower",
     "padded_bmm_grouped_forward",
@@ -37,8 +37,8 @@ __all__ = [
 class NaiveLoopMoE(nn.Module):
     """The ``naive_loop`` contender: transformers' former Mixtral dispatch over the same router and expert
     tensors as a `CLIPMoESparseBlock`: for each expert, ``torch.where`` on the one-hot routing mask, index the
-    tokens, compute, ``index_add_``. With a capacity factor, the assignments `plan_routing` drops are masked out
-    (``plan.kept``)."""
+    tokens, compute, ``index_add_``. With a capacity factor, the assignments `capacity_mask` drops are masked
+    out. Returns the block's hidden states (B, S, H) only."""
 
     def __init__(self, block):
         super().__init__()
@@ -52,7 +52,7 @@ class NaiveLoopMoE(nn.Module):
         mask = F.one_hot(indices, block.num_experts)  # (T, k, E)
         if block.capacity_factor is not None:
             priority = (logits.float().softmax(-1).amax(-1) if block.batch_priority_routing else None)
-            kept = plan_routing(weights, indices, block.num_experts, block.capacity_factor, priority).kept
+            kept = capacity_mask(indices, block.num_experts, block.capacity_factor, priority)
             mask = mask * kept[..., None]
         mask = mask.permute(2, 1, 0)  # (E, k, T)
         out = None
@@ -66,10 +66,10 @@ class NaiveLoopMoE(nn.Module):
 
 
 def padded_bmm_grouped_forward(experts, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Candidate replacement of `CLIPMoEExperts.grouped_forward` off the grouped-GEMM path: the sorted tokens
-    are copied into zero-padded (E, max(counts), H) buffers and each projection is one ``torch.baddbmm`` over
-    all experts (2 matmul calls instead of 2E, and E independent GEMMs that the BLAS can spread over threads),
-    at the price of computing the padding rows. Same values as the loop (padding rows are dropped)."""
+    """Candidate experts kernel: the expert-sorted tokens are copied into zero-padded (E, max(counts), H) buffers
+    and each projection is one ``torch.baddbmm`` over all experts (2 matmul calls instead of 2E, and E independent
+    GEMMs that the BLAS can spread over threads), at the price of computing the padding rows. Same values as the
+    eager loop (padding rows are dropped); unweighted outputs in the sorted order."""
     num_experts, cmax = len(counts), max(counts)
     if cmax == 0:
         return x_sorted.new_zeros(x_sorted.shape)
@@ -79,20 +79,37 @@ def padded_bmm_grouped_forward(experts, x_sorted: torch.Tensor, counts: list[int
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else buf.dtype
     with torch.autocast("cpu", enabled=False):
         buf = buf.to(dtype)
-        h = torch.baddbmm(experts.fc1_bias[:, None, :].to(dtype), buf, experts.fc1_weight.to(dtype).transpose(1, 2))
-        h = experts.dropout(experts.activation_fn(h))
-        out = torch.baddbmm(experts.fc2_bias[:, None, :].to(dtype), h, experts.fc2_weight.to(dtype).transpose(1, 2))
+        h = torch.baddbmm(experts.up_proj_bias[:, None, :].to(dtype), buf, experts.up_proj.to(dtype).transpose(1, 2))
+        h = experts.act_fn(h)
+        out = torch.baddbmm(experts.down_proj_bias[:, None, :].to(dtype), h,
+                            experts.down_proj.to(dtype).transpose(1, 2))
     return out[valid]
 
 
+class PaddedBmmMoE(nn.Module):
+    """The ``padded_bmm`` candidate: ``block``'s routing (capacity included) with `padded_bmm_grouped_forward` as
+    its experts kernel. Returns the block's hidden states (B, S, H) only."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)
+        _, weights, indices = self.block.route(x)
+        order = torch.argsort(indices.reshape(-1), stable=True)
+        token_index = order // indices.shape[1]
+        counts = torch.bincount(indices.reshape(-1), minlength=self.block.num_experts).tolist()
+        y = padded_bmm_grouped_forward(self.block.experts, x[token_index], counts)
+        y = y * weights.reshape(-1)[order, None]
+        out = y.new_zeros(x.shape[0], hidden).index_add_(0, token_index, y)
+        return out.to(hidden_states.dtype).view(batch, seq, hidden)
+
+
 def with_padded_bmm(block):
-    """A copy of ``block`` (sharing its parameters) whose experts run `padded_bmm_grouped_forward`."""
-    clone = copy.copy(block)
-    clone._modules = dict(block._modules)
-    experts = copy.copy(block.experts)
-    experts.grouped_forward = lambda x, counts: padded_bmm_grouped_forward(experts, x, counts)
-    clone._modules["experts"] = experts
-    return clone
+    """``block`` (sharing its parameters) with the padded-bmm experts kernel (`PaddedBmmMoE`)."""
+    return PaddedBmmMoE(block)
 
 
 # ------------------------------------------------------------------------------------------------ items
@@ -106,7 +123,8 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
             continue
         spec = VIT_SIZES[size]
         cfg = CLIPMoEVisionConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                                  num_hidden_layers=1, num_attention_heads=spec["heads"], num_experts=4, top_k=2)
+                                  num_hidden_layers=1, num_attention_heads=spec["heads"], num_experts=4, top_k=2,
+                                  experts_implementation="grouped_mm")  # the CLIP-MoE models' default kernel
         torch.manual_seed(0)
         moe = CLIPMoESparseBlock(cfg).eval()
         dense = CLIPMLP(cfg).eval()
@@ -204,7 +222,8 @@ def profile_moe(size: str, batch: int, dtype: str, top: int = 12) -> list[dict]:
     """The ops that cost the time in one `CLIPMoESparseBlock` forward (torch.profiler, CPU self time)."""
     spec = VIT_SIZES[size]
     cfg = CLIPMoEVisionConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                              num_hidden_layers=1, num_attention_heads=spec["heads"], num_experts=4, top_k=2)
+                              num_hidden_layers=1, num_attention_heads=spec["heads"], num_experts=4, top_k=2,
+                              experts_implementation="grouped_mm")
     block = CLIPMoESparseBlock(cfg).eval()
     x = torch.randn(batch, spec["seq"], spec["hidden"])
     with torch.no_grad(), cpu_autocast(dtype):

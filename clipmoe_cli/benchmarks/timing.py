@@ -131,15 +131,27 @@ def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None,
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``torch._grouped_mm``: 2 x (rows of A) x (inner size) x (columns of B), the groups splitting one of them
+    ((S, K) x (E, K, N), the CLIP-MoE experts' forward; (K, S) x (S, N) -> (E, K, N), their weights' gradient;
+    (E, M, K) x (E, K, N), batched)."""
+    if len(a_shape) == 3 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """Matmul FLOPs of ``fn()`` by ``FlopCounterMode``. PyTorch registers no formula for the CPU flash-attention
     kernel that SDPA dispatches to on the CPU (its S x S products would count 0), so its forward and backward
-    get the formulas PyTorch uses for the CUDA attention kernels."""
+    get the formulas PyTorch uses for the CUDA attention kernels; nor for the grouped GEMM of transformers'
+    ``grouped_mm`` experts implementation (the CLIP-MoE default), which gets `_grouped_mm_flops`."""
     aten = torch.ops.aten
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flops
+    if hasattr(aten, "_grouped_mm"):
+        mapping[aten._grouped_mm] = _grouped_mm_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())

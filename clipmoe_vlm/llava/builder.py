@@ -60,6 +60,7 @@ __all__ = [
     "load_llava",
     "load_vision_tower",
     "num_image_tokens",
+    "set_tower_experts_implementation",
 ]
 
 CLIP_IMAGE_MEAN, CLIP_IMAGE_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # the LLaVA processor's normalisation
@@ -217,6 +218,7 @@ def build_llava(
     image_aspect_ratio: str = "pad",
     template: str = "vicuna_v1",
     dtype: torch.dtype | None = None,
+    experts_implementation: str | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build a LLaVA-1.5 model and its processor.
 
@@ -233,6 +235,8 @@ def build_llava(
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5) or ``"square"``, stored in the image processor.
         template: conversation template whose chat template the processor gets.
         dtype: dtype of the tower and the LM when they are loaded here.
+        experts_implementation: the CLIP-MoE tower's experts kernel (``"grouped_mm"``, ``"eager"``,
+            ``"batched_mm"``); None keeps the tower's (see `set_tower_experts_implementation`).
 
     Returns:
         ``(model, processor)``; ``model.config.image_token_id`` is the tokenizer's ``<image>`` id and
@@ -300,7 +304,23 @@ def build_llava(
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     processor = build_processor(tokenizer, vision_config, strategy=strategy, image_aspect_ratio=image_aspect_ratio,
                                 template=template)
+    if experts_implementation is not None:
+        set_tower_experts_implementation(model, experts_implementation)
     return model, processor
+
+
+def set_tower_experts_implementation(model: nn.Module, experts_implementation: str) -> None:
+    """Sets the experts kernel of the CLIP-MoE vision tower inside ``model`` (a LLaVA, also wrapped by PEFT);
+    the language model keeps its own. ``load_llava(folder, experts_implementation=...)`` does the same at load.
+
+    Raises:
+        ValueError: ``model`` has no CLIP-MoE tower.
+    """
+    towers = [m for m in model.modules() if isinstance(m, CLIPMoEVisionModel)]
+    if not towers:
+        raise ValueError("experts_implementation: the vision tower is not a CLIP-MoE")
+    for tower in towers:
+        tower.set_experts_implementation(experts_implementation)
 
 
 # what a user most often passes by mistake, for the "not a LLaVA folder" error

@@ -39,7 +39,7 @@ from ..data.llava_batching import LlavaCollator
 from ..data.llava_dataset import LlavaDataset
 from ..data.llava_records import load_llava_records
 from ..run_config import add_flags, from_flags, setting
-from .builder import build_llava, describe, load_llava
+from .builder import build_llava, describe, load_llava, set_tower_experts_implementation
 
 __all__ = ["DEFAULT_OUTPUTS", "LlavaTrainConfig", "TrainResult", "build_parser", "load_config", "main", "run"]
 
@@ -74,6 +74,8 @@ class ModelSettings:
                                                        "train (default: the tower config's)")
     router_z_loss_coef: float | None = setting(None, "router z-loss weight when the routers train (default: the "
                                                      "tower config's)")
+    experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] | None = setting(
+        None, "experts kernel of the CLIP-MoE tower (default: grouped_mm, transformers' default)")
 
 
 @dataclass
@@ -420,6 +422,8 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     )
     model, processor = _build_model(cfg)
     _set_router_losses(model, cfg)
+    if cfg.modeling.experts_implementation is not None:
+        set_tower_experts_implementation(model, cfg.modeling.experts_implementation)
     tokenizer = processor.tokenizer
     # the saved processor pads at inference exactly when this stage trained on padded images
     processor.image_processor.do_pad = cfg.data.image_aspect_ratio == "pad"
