@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> Path:
     # cpu=True on a machine without CUDA makes accelerate join a torchrun-style launch as MULTI_CPU (gloo).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.run.bf16 else "no",
                               log_with="tensorboard" if cfg.run.tensorboard else None, project_dir=cfg.output)
+    from .engine import whole_models_under_zero3
+
+    whole_models_under_zero3(accelerator)
     argv = argv if argv is not None else sys.argv[1:]
     try:
         cfg = resolve_defaults(cfg, accelerator)

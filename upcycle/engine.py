@@ -184,6 +184,79 @@ def skip_together(accelerator, empty: bool) -> bool:
     return bool(flag.item())
 
 
+def _sharded_engine(accelerator) -> str | None:
+    """``"FSDP"``, ``"DeepSpeed ZeRO-N"`` when the accelerator runs one of them (they manage the parameters and
+    optimizer state themselves), else None (one process, DDP)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP2" if accelerator.is_fsdp2 else "FSDP"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return None
+
+
+def whole_models_under_zero3(accelerator) -> None:
+    """Under DeepSpeed ZeRO-3, models built from now on in this process are whole (no ``zero.Init``).
+
+    accelerate registers its ZeRO-3 config with transformers, which then partitions every model it builds. The
+    recipes use whole models between stages (clustering embeddings, assembling experts, evaluation); the engine
+    partitions each stage's copy when it prepares it. Nothing changes without DeepSpeed ZeRO-3."""
+    if _sharded_engine(accelerator) == "DeepSpeed ZeRO-3":
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def _prepare_for_sharded_engine(accelerator, model, spec: StageSpec):
+    """The copy of ``model`` that FSDP / DeepSpeed will train, the frozen logit scale (or None), and the names of
+    the copy's scalar parameters made 1-element vectors (CLIP's ``logit_scale``: FSDP2's ``fully_shard`` refuses
+    0-dim parameters, and DeepSpeed's initial broadcast views each parameter as bytes, which torch refuses for
+    0-dim tensors; the 1-element copy computes the same).
+
+    - The logit scale is read here, before sharding: a sharded parameter cannot be read outside the forward pass.
+      A learned temperature needs it inside the loss, so it is refused where parameters are sharded.
+    - DeepSpeed needs its batch sizes when no data loader is prepared (the engine builds its own loaders), and
+      ZeRO-3 the consolidated weights at the end of the stage.
+    """
+    import copy
+
+    engine = _sharded_engine(accelerator)
+    zero3 = engine == "DeepSpeed ZeRO-3"
+    if spec.learn_temperature and (zero3 or engine.startswith("FSDP")):
+        raise ValueError(f"[{spec.name}] a learned temperature (--learn-temperature) cannot be trained under "
+                         f"{engine}: its parameter is sharded; use a fixed --temperature, DDP or ZeRO-2")
+    scale = None
+    if spec.temperature is None and not spec.learn_temperature:
+        scale = model.logit_scale.detach().exp().to(accelerator.device)
+    trained = copy.deepcopy(model)
+    scalars: list[str] = []
+    if engine == "FSDP2":
+        try:
+            trained.get_input_embeddings()
+        except NotImplementedError:
+            # accelerate 1.16's FSDP2 preparation asks every model for its input embeddings (to shard them apart);
+            # transformers 5 raises for a two-tower CLIP, which has no single one: the copy answers None
+            trained.get_input_embeddings = lambda: None
+    for name, parameter in list(trained.named_parameters()):
+        if parameter.dim() == 0:
+            owner, _, leaf = name.rpartition(".")
+            setattr(trained.get_submodule(owner), leaf,
+                    torch.nn.Parameter(parameter.detach().reshape(1), requires_grad=parameter.requires_grad))
+            scalars.append(name)
+    if engine.startswith("DeepSpeed"):
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        steps = config.get("gradient_accumulation_steps", 1)
+        steps = 1 if steps == "auto" else steps
+        config["train_micro_batch_size_per_gpu"] = spec.batch_size
+        config["train_batch_size"] = spec.batch_size * accelerator.num_processes * steps
+        if config.get("gradient_clipping") == "auto":  # accelerate would fill in 1.0; the engine never clips
+            config["gradient_clipping"] = 0.0
+        if zero3:
+            config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return trained, scale, scalars
+
+
 class Engine:
     """Runs the stages of one run on ``dataset``; stage folders go under ``work_dir``, ``log`` writes a metrics
     line. ``resume`` continues a stage from its last checkpoint (every ``save_every`` steps)."""
@@ -205,6 +278,7 @@ class Engine:
         # epochs or stages read it, and pairs sharing one image file count once
         self.skipped_keys: set[str] = set()
         self.skipped_examples: list = []
+        self._fsdp_wrap = None  # FSDP: the plugin's wrapping settings as configured, restored for every stage
 
     @property
     def skipped(self) -> int:
@@ -244,12 +318,25 @@ class Engine:
             acc.print(f"[{spec.name}] already finished, loaded from {stage_dir}")
             return model, summary
 
-        trainable = set_trainable(model, spec.trainable, spec.learn_temperature)
-        params = dict(model.named_parameters())
+        sharded = _sharded_engine(acc)
+        if sharded:
+            # FSDP / DeepSpeed change the module they prepare (sharded parameters, hooks): train a copy and load
+            # its gathered weights back into ``model`` at the end, so callers keep a plain model
+            trained_model, model_scale, scalars = _prepare_for_sharded_engine(acc, model, spec)
+        else:
+            trained_model, model_scale, scalars = model, None, []
+        trainable = set_trainable(trained_model, spec.trainable, spec.learn_temperature)
+        if sharded == "DeepSpeed ZeRO-3":  # frozen MoE blocks become ZeRO-3 leaves (see the function)
+            from clipmoe_vlm.llava.trainer import mark_zero3_leaf_blocks
+
+            mark_zero3_leaf_blocks(trained_model)
+        params = dict(trained_model.named_parameters())
         decay = [params[n] for n in trainable if not n.endswith("bias") and params[n].dim() > 1]
         no_decay = [params[n] for n in trainable if n.endswith("bias") or params[n].dim() <= 1]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+        groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if sharded:  # DeepSpeed drops empty groups from the optimizer, and the scheduler needs one lr per group
+            groups = [group for group in groups if group["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=spec.lr)
         sampler = ClusterBatchSampler(spec.labels, spec.batch_size, acc.num_processes, acc.process_index, self.seed,
                                       spec.leftover)
         steps_per_epoch = len(sampler)
@@ -278,8 +365,18 @@ class Engine:
             rewind(spec.name, start_step, steps_per_epoch)  # lines written after the checkpoint go
         acc.wait_for_everyone()
 
-        ddp_model, optimizer = acc.prepare(model, optimizer)
+        if sharded and sharded.startswith("FSDP"):
+            # accelerate's FSDP plugin keeps the layer classes it wrapped in the first model it prepared; each stage
+            # wraps its own model's (dense CLIPEncoderLayer for MCL stages, CLIPMoEEncoderLayer for MoE stages)
+            plugin = acc.state.fsdp_plugin
+            if self._fsdp_wrap is None:
+                self._fsdp_wrap = (plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap)
+            plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = self._fsdp_wrap
+        ddp_model, optimizer = acc.prepare(trained_model, optimizer)
         ddp_model.train()
+        if sharded:
+            acc.print(f"[{spec.name}] {sharded}: no mid-stage checkpoints (a killed stage starts again; finished "
+                      "stages are kept)")
         acc.print(f"[{spec.name}] {len(trainable)} trainable tensors "
                   f"({sum(params[n].numel() for n in trainable):,} weights), {total_steps} steps; "
                   f"batches: {sampler.stats.summary(sampler.leftover)}")
@@ -311,7 +408,7 @@ class Engine:
                     scheduler.step()
                     record = {"skipped_batch": "no readable image (on at least one process)"}
                 else:
-                    losses = self._step(ddp_model, batch, spec)
+                    losses = self._step(ddp_model, batch, spec, model_scale)
                     acc.backward(losses["loss"])
                     optimizer.step()
                     scheduler.step()
@@ -326,28 +423,40 @@ class Engine:
                 bar.update(1)
                 self.log({"stage": spec.name, "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                           **record})
-                if step % self.save_every == 0 and step < total_steps:
+                if step % self.save_every == 0 and step < total_steps and not sharded:
                     self._checkpoint(model, optimizer, scheduler, step, ckpt)
                 if self.stop_after_steps is not None and self.total_steps_done >= self.stop_after_steps:
-                    self._checkpoint(model, optimizer, scheduler, step, ckpt)
+                    if not sharded:
+                        self._checkpoint(model, optimizer, scheduler, step, ckpt)
                     bar.close()
                     raise StopRequested(f"stopped after {self.total_steps_done} steps (--stop-after-steps)")
             end_epoch(epoch + 1)
         bar.close()
-        model = acc.unwrap_model(ddp_model)
+        if sharded:
+            full = acc.get_state_dict(ddp_model)  # every process takes part; the main one gets the full weights
+            ddp_model = optimizer = None
+            acc.free_memory()  # drops accelerate's references to the prepared copy (and DeepSpeed's engine)
+        else:
+            model = acc.unwrap_model(ddp_model)
         for p in model.parameters():
             p.requires_grad_(False)
         summary = {"stage": spec.name, "steps": total_steps, "final": last, "epoch_metrics": epoch_metrics,
                    "batches": sampler.stats.summary(sampler.leftover), "cluster_sizes": sampler.stats.cluster_sizes}
         if acc.is_main_process:
+            if sharded:
+                full.update({name: full[name].reshape(()) for name in scalars})  # back to the model's shape
+                model.load_state_dict(full, strict=True)
             stage_dir.mkdir(parents=True, exist_ok=True)
             _save_weights(model, stage_dir / "model.safetensors")
             atomic_write_text(done, json.dumps(summary, indent=1))  # last: marks the weights complete
             shutil.rmtree(ckpt, ignore_errors=True)  # the finished stage loads from its result, not a checkpoint
         acc.wait_for_everyone()
+        if sharded and not acc.is_main_process:  # the other processes read the weights the main one wrote
+            model.load_state_dict(load_weights(stage_dir / "model.safetensors", f"the weights of stage {spec.name}",
+                                               again), strict=True)
         return model, summary
 
-    def _step(self, model, batch, spec: StageSpec) -> dict:
+    def _step(self, model, batch, spec: StageSpec, model_scale: torch.Tensor | None = None) -> dict:
         acc = self.acc
         pixel_values = batch["pixel_values"].to(acc.device)
         input_ids = batch["input_ids"].to(acc.device)
@@ -357,7 +466,10 @@ class Engine:
         core = acc.unwrap_model(model)
         # learned, the model's own (frozen) scale when no temperature is given, or the fixed 1/temperature
         use_model_scale = spec.learn_temperature or spec.temperature is None
-        scale = core.logit_scale.exp() if use_model_scale else 1.0 / spec.temperature
+        if model_scale is not None:  # FSDP / DeepSpeed: the frozen scale, read before the model was sharded
+            scale = model_scale
+        else:
+            scale = core.logit_scale.exp() if use_model_scale else 1.0 / spec.temperature
         clip = clip_contrastive_loss(out.image_embeds, out.text_embeds, scale, spec.label_smoothing,
                                      gather=gather_with_grad, normalize=True)
         losses = {"clip_loss": clip, "loss": clip}

@@ -445,6 +445,9 @@ def run(config: LlavaTrainConfig) -> TrainResult:
             model.save_pretrained(lora_base)
             processor.save_pretrained(lora_base)
 
+        # LoRA's initial matrices from the run's seed: the same in every process (FSDP shards each process's own
+        # copy, it broadcasts nothing) and in every run
+        torch.manual_seed(cfg.optim.seed)
         model = apply_lora(model, r=cfg.tuning.lora_r, alpha=cfg.tuning.lora_alpha, dropout=cfg.tuning.lora_dropout)
     trainable = configure_trainable(model, cfg.stage, lora=cfg.tuning.lora, train_router=cfg.tuning.train_router,
                                     train_experts=cfg.tuning.train_experts)
@@ -487,9 +490,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.tuning.lora:
-        from .lora import save_lora
-
-        save_lora(model, output_dir, base_folder=lora_base)
+        trainer.save_lora_run(output_dir, base_folder=lora_base)  # gathers sharded weights first (FSDP, ZeRO-3)
         kind = "lora"
     else:
         trainer.save_model(str(output_dir))

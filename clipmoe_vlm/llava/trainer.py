@@ -28,10 +28,10 @@ from ..data.llava_batching import ModalityLengthGroupedSampler
 
 # The dependency runs one way, trainer -> lora -> trainable: lora never imports this module (it would pull in the
 # Trainer machinery, which merging an adapter does not need).
-from .lora import NON_LORA_FILE, non_lora_state
+from .lora import NON_LORA_FILE, non_lora_state, save_lora
 from .trainable import parameter_group_of
 
-__all__ = ["LlavaTrainer", "llava_core"]
+__all__ = ["LlavaTrainer", "llava_core", "mark_zero3_leaf_blocks"]
 
 
 def llava_core(model: nn.Module):
@@ -48,6 +48,46 @@ def llava_core(model: nn.Module):
             break
     raise TypeError(f"expected a LlavaForConditionalGeneration (possibly wrapped), got {type(model).__name__}")
 
+
+def mark_zero3_leaf_blocks(model: nn.Module) -> int:
+    """For DeepSpeed ZeRO-3: makes each frozen ``CLIPMoESparseBlock`` of ``model`` one ZeRO-3 leaf; returns how many.
+
+    A leaf's parameters (router and every expert) are gathered once when the block starts, so no rank waits on a
+    sub-module that another rank did not call. Blocks with a trainable parameter (routers or experts training)
+    stay ordinary modules: DeepSpeed 0.19's leaf hooks release a leaf's parameters before their gradients are
+    accumulated when the block's input does not require grad, which is the case behind a frozen patch embedding
+    (checked in ``tests/test_scaleout.py``). Those blocks are safe without it: the experts are stacked tensors of one
+    module, so every rank gathers the same parameters. Call before the model is prepared; needs ``deepspeed``."""
+    from ..moe import CLIPMoESparseBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, CLIPMoESparseBlock)]
+    if not blocks or any(p.requires_grad for block in blocks for p in block.parameters()):
+        return 0
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, [CLIPMoESparseBlock])
+    return len(blocks)
+
+
+def _ordinary_save_renamings(model: nn.Module) -> None:
+    """Under ZeRO-3, transformers 5.25 records its legacy key renamings too when ``from_pretrained`` loads a LLaVA
+    folder, and ``save_pretrained`` reverses them all: the language model would be saved as
+    ``language_model.model.model.*``, which no load maps back (found by ``tests/test_scaleout.py``). The model is
+    given the renamings an ordinary load records."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "_weight_conversions", None) is not None:
+        base._weight_conversions = get_model_conversion_mapping(base, add_legacy=False)
+
+
+def _non_lora_trainables(peft_model: nn.Module, state_dict: dict | None) -> dict[str, torch.Tensor]:
+    """`non_lora_state`, read from ``state_dict`` (the gathered full weights under FSDP / ZeRO-3) when given."""
+    if state_dict is None:
+        return non_lora_state(peft_model)
+    names = {name for name, parameter in peft_model.named_parameters()
+             if parameter.requires_grad and ".lora_" not in name}
+    return {name.removeprefix("base_model.model."): state_dict[name].detach().cpu().contiguous() for name in names}
 
 
 class LlavaTrainer(Trainer):
@@ -70,6 +110,10 @@ class LlavaTrainer(Trainer):
         # gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self._running: dict[str, list[float]] = {"lm_loss": [], "aux_loss": []}
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        if plugin is not None and plugin.zero_stage == 3:
+            mark_zero3_leaf_blocks(self.model)  # before DeepSpeed registers its hooks (in train)
+            _ordinary_save_renamings(self.model)
 
     # ------------------------------------------------------------------ optimiser
     def create_optimizer(self, model=None):
@@ -111,13 +155,30 @@ class LlavaTrainer(Trainer):
             pixel_values = torch.zeros(1, 3, size, size, device=inputs["input_ids"].device)
         pixel_values = pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype)
         extra = {"output_router_logits": True} if routed and not dummy else {}
-        features = core.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+        if self.is_fsdp_enabled:
+            # FSDP gathers the parameters of the wrapped model's own shard group (embeddings, norms, projector) only
+            # inside its forward, which must also come first: the tower runs there, from a pre-hook of the LLaVA core
+            captured = {}
+
+            def tower_first(module, args, kwargs):
+                captured["features"] = module.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+                if not dummy:
+                    kwargs["mm_encoder_outputs"] = {"image": captured["features"]}
+                return args, kwargs
+
+            handle = core.register_forward_pre_hook(tower_first, with_kwargs=True)
+            try:
+                outputs = model(**inputs)
+            finally:
+                handle.remove()
+            features = captured["features"]
+        else:
+            features = core.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+            outputs = model(**inputs) if dummy else model(**inputs, mm_encoder_outputs={"image": features})
         if dummy:
-            outputs = model(**inputs)
             zero = sum(feature.sum() for feature in features.pooler_output) * 0.0
             lm_loss = outputs.loss + zero.to(outputs.loss.dtype)
         else:
-            outputs = model(**inputs, mm_encoder_outputs={"image": features})
             lm_loss = outputs.loss
         loss = lm_loss
         aux = None
@@ -137,7 +198,26 @@ class LlavaTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if hasattr(model, "peft_config") and self.args.should_save:
             # peft saves only the LoRA matrices; the projector (and routers) train too and must come back on resume
-            save_file(non_lora_state(model), os.path.join(output_dir or self.args.output_dir, NON_LORA_FILE))
+            save_file(_non_lora_trainables(model, state_dict),
+                      os.path.join(output_dir or self.args.output_dir, NON_LORA_FILE))
+
+    def save_lora_run(self, output_dir: str | os.PathLike[str], base_folder: str | os.PathLike[str]) -> None:
+        """`save_lora` of the trained peft model. Under FSDP or DeepSpeed ZeRO-3 each process holds a shard of
+        every weight: all processes gather the full weights, and the main process writes them."""
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled
+                                           and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model) \
+            if sharded else None
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if state_dict is None:
+                save_lora(model, output_dir, base_folder=base_folder)
+            else:  # what save_lora writes, from the gathered weights (its parameters are shards here)
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                model.peft_config["default"].base_model_name_or_path = str(Path(base_folder).resolve())
+                model.save_pretrained(output_dir, state_dict=state_dict)
+                save_file(_non_lora_trainables(model, state_dict), os.path.join(output_dir, NON_LORA_FILE))
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Restores the weights of a checkpoint.
