@@ -36,12 +36,13 @@ from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 from .checkpoint import CheckpointMismatchError, check_shapes
 from .configuration_clip_moe import MOE_CONFIG_FIELDS, CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .modeling_clip_moe import CLIPMoEModel, CLIPMoETextModel, CLIPMoEVisionModel
-from .moe import rename_legacy_expert_key
+from .moe import CLIPMoERouter, rename_legacy_expert_key
 
 __all__ = [
-    "CheckpointMismatchError",
     "LONGCLIP_TEXT_POSITIONS",
     "SUPPORTED_SOURCES",
+    "CheckpointMismatchError",
+    "StackedStateDict",
     "load_official_clipmoe",
     "load_state_dict_checked",
     "moe_config_from_dense",
@@ -66,12 +67,67 @@ _LONGCLIP_KEEP_POSITIONS = 20
 LONGCLIP_TEXT_POSITIONS = 248
 
 
+class StackedStateDict(Mapping):
+    """A read-only state dict whose stacked expert tensors are built when read (`upcycle_state_dict` with
+    ``expert_sources``): `load_state_dict_checked` loads them one at a time, so assembling experts from several
+    sources never holds a second copy of all experts (only one stacked tensor at a time)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], stacks: dict[str, tuple[list[torch.Tensor], torch.dtype]]):
+        self._tensors, self._stacks = tensors, stacks
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._stacks:
+            pieces, dtype = self._stacks[key]
+            return torch.stack([p.detach().to(dtype) for p in pieces])
+        return self._tensors[key]
+
+    def __iter__(self):
+        yield from self._tensors
+        yield from self._stacks
+
+    def __len__(self) -> int:
+        return len(self._tensors) + len(self._stacks)
+
+    def shape(self, key: str) -> tuple:
+        if key in self._stacks:
+            pieces, _ = self._stacks[key]
+            return (len(pieces), *pieces[0].shape)
+        return tuple(self._tensors[key].shape)
+
+
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"):
-    """``model.load_state_dict(state_dict, strict=True)`` with one clear error naming the first bad key."""
+    """``model.load_state_dict(state_dict, strict=True)`` with one clear error naming the first bad key.
+
+    A `StackedStateDict` is loaded stacked tensor by stacked tensor (its shapes are checked without building them).
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if isinstance(state_dict, StackedStateDict):
+        check_shapes(expected, {k: state_dict.shape(k) for k in state_dict}, source)
+        model.load_state_dict(state_dict._tensors, strict=False)  # every key checked above
+        for key in state_dict._stacks:
+            model.load_state_dict({key: state_dict[key]}, strict=False)
+        return model
     state_dict = {rename_legacy_expert_key(k): v for k, v in state_dict.items()}  # pre-interface expert names
     check_shapes(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _empty_model(model_cls, config, dtype: torch.dtype = torch.float32, device="cpu"):
+    """``model_cls(config)`` without the random initialisation and without touching memory: built on the meta
+    device, then given uninitialised storage, so a caller must fill every tensor (a full random init of a
+    ViT-L/14-336 CLIP-MoE takes most of a minute). The routers, which no checkpoint provides when upcycling, get
+    nn.Linear's kaiming-uniform init here, in module order, and the ``position_ids`` buffers their values."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.to(dtype=dtype).to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, CLIPMoERouter):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            ids = getattr(module, "position_ids", None)
+            if isinstance(ids, torch.Tensor):
+                ids.copy_(torch.arange(ids.shape[-1], device=ids.device).expand_as(ids))
     return model
 
 
@@ -222,12 +278,16 @@ def _normalize_hf_keys(state_dict: Mapping[str, torch.Tensor], target_keys) -> d
 
 
 def upcycle_state_dict(dense_sd: Mapping[str, torch.Tensor], moe_model: nn.Module,
-                       expert_sources: list[Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+                       expert_sources: list[Mapping[str, torch.Tensor]] | None = None) -> Mapping[str, torch.Tensor]:
     """Maps a dense transformers-CLIP state dict onto ``moe_model``'s keys.
 
     Each MoE layer's ``mlp.fc1``/``fc2`` become the stacked ``mlp.experts.up_proj*``/``down_proj*`` tensors: expert ``e``
     takes its FFN from ``expert_sources[e]`` (default: every expert is a copy of ``dense_sd``, sparse upcycling).
-    Routers keep ``moe_model``'s own (fresh) initialisation. Every dense key is used exactly once.
+    Routers keep ``moe_model``'s own initialisation. Every dense key is used exactly once.
+
+    Nothing is copied: without ``expert_sources`` an expert tensor is the dense tensor expanded to E experts (a
+    view; ``.contiguous()`` it before saving), and with them the result is a `StackedStateDict` that stacks a
+    tensor when it is read. `load_state_dict_checked` then copies each tensor once, into the model.
     """
     target = moe_model.state_dict()
     dense_sd = _normalize_hf_keys(dense_sd, target)
@@ -235,34 +295,38 @@ def upcycle_state_dict(dense_sd: Mapping[str, torch.Tensor], moe_model: nn.Modul
     if expert_sources is not None:
         expert_sources = [_normalize_hf_keys(sd, target) for sd in expert_sources]
     out: dict[str, torch.Tensor] = {}
-    used = set()
+    stacks: dict[str, tuple[list[torch.Tensor], torch.dtype]] = {}
     for key, value in dense_sd.items():
         match = _MLP_KEY.match(key)
         moe_key = None
         if match:
             moe_key = f"{match['prefix']}.experts.{_expert_param(match['fc'], match['kind'])}"
         if moe_key is not None and moe_key in target:
-            num_experts = target[moe_key].shape[0]
+            num_experts, dtype = target[moe_key].shape[0], target[moe_key].dtype
             if num_sources is not None and num_sources != num_experts:
                 raise CheckpointMismatchError(
                     f"{num_sources} expert sources given but '{moe_key}' holds {num_experts} experts"
                 )
-            pieces = [value] * num_experts if expert_sources is None else [sd[key] for sd in expert_sources]
-            out[moe_key] = torch.stack([p.detach().to(target[moe_key].dtype) for p in pieces])
+            if expert_sources is None:
+                out[moe_key] = value.detach().to(dtype).unsqueeze(0).expand(num_experts, *value.shape)
+            else:
+                for e, sd in enumerate(expert_sources):
+                    if key not in sd:
+                        raise CheckpointMismatchError(f"expert source {e} has no key '{key}' (for '{moe_key}')")
+                stacks[moe_key] = ([sd[key] for sd in expert_sources], dtype)
         elif key in target:
             out[key] = value.detach().to(target[key].dtype)
         elif key.endswith("position_ids"):
             continue  # a buffer some transformers versions saved
         else:
             raise CheckpointMismatchError(f"dense checkpoint key '{key}' has no place in {type(moe_model).__name__}")
-        used.add(key)
     for key, value in target.items():
-        if key not in out:
+        if key not in out and key not in stacks:
             if key.endswith(".mlp.gate.weight"):
-                out[key] = value.clone()  # new router: keep the fresh initialisation
+                out[key] = value.detach().clone()  # new router: keep the model's own initialisation
             elif key.endswith("position_ids"):
                 out[key] = value.clone()
-    return out
+    return out if expert_sources is None else StackedStateDict(out, stacks)
 
 
 def _hf_moe_class(dense: nn.Module):
@@ -301,12 +365,14 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
     config = moe_config_from_dense(dense.config, num_experts, top_k, moe_layers, **moe_options)
     if upcycling_info is not None and isinstance(config, CLIPMoEConfig):
         config.upcycling_info = dict(upcycling_info)
-    moe = moe_cls(config)
-    state = upcycle_state_dict(dense.state_dict(), moe)
-    load_state_dict_checked(moe, state, source=f"upcycled {type(dense).__name__}")
+    first = next(dense.parameters())
+    # no random init and no second copy: every tensor is written once, from the dense model's (peak: dense + MoE)
+    moe = _empty_model(moe_cls, config, first.dtype, first.device)
+    load_state_dict_checked(moe, upcycle_state_dict(dense.state_dict(), moe),
+                            source=f"upcycled {type(dense).__name__}")
     if experts_implementation is not None:
         moe.set_experts_implementation(experts_implementation)
-    return moe.to(next(dense.parameters()).dtype).train(dense.training)
+    return moe.train(dense.training)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -329,8 +395,9 @@ def _expert_indices(sd, block_prefix: str) -> list[int]:
 
 
 def _convert_blocks(sd, src_prefix: str, dst_prefix: str, num_layers: int, out: dict, used: set,
-                    num_experts: int | None) -> list[int]:
-    """Converts the resblocks of one tower; returns the indices of its MoE layers."""
+                    num_experts: int | None, stacks: dict) -> list[int]:
+    """Converts the resblocks of one tower; returns the indices of its MoE layers. The experts' pieces go to
+    ``stacks`` (stacked when loaded, see `StackedStateDict`)."""
     moe_layers = []
     for i in range(num_layers):
         src = f"{src_prefix}resblocks.{i}."
@@ -371,7 +438,7 @@ def _convert_blocks(sd, src_prefix: str, dst_prefix: str, num_layers: int, out: 
                                 f"key '{src}experts.{e}.{fc_src}.{kind}' has shape {tuple(piece.shape)}, expert 0 "
                                 f"has {tuple(pieces[0].shape)}"
                             )
-                    out[dst + f"mlp.experts.{_expert_param(fc_dst, kind)}"] = torch.stack(pieces)
+                    stacks[dst + f"mlp.experts.{_expert_param(fc_dst, kind)}"] = (pieces, pieces[0].dtype)
             out[dst + "mlp.gate.weight"] = take("gate.weight")
             moe_layers.append(i)
         else:
@@ -394,8 +461,9 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
                         num_experts: int | None = None, top_k: int = 2, source: str = "checkpoint"):
     """Converts an OpenAI-layout CLIP state dict (dense or official CLIP-MoE) to transformers keys.
 
-    Returns ``(config, state_dict)``: a ``CLIPConfig`` when no block has experts, else a `CLIPMoEConfig` whose
-    ``moe_layers`` are the blocks that have them. Head counts default to width/64 (OpenAI CLIP).
+    Returns ``(config, state_dict)``: a ``CLIPConfig`` and a dict when no block has experts, else a `CLIPMoEConfig`
+    whose ``moe_layers`` are the blocks that have them and a `StackedStateDict` (experts stacked when read, so that
+    loading holds one stacked tensor at a time). Head counts default to width/64 (OpenAI CLIP).
     """
     sd = {re.sub(r"^module\.", "", k): v for k, v in sd.items()}
     required = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
@@ -407,6 +475,7 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
                 + "; ".join(SUPPORTED_SOURCES)
             )
     out: dict[str, torch.Tensor] = {}
+    stacks: dict[str, tuple[list[torch.Tensor], torch.dtype]] = {}
     used: set[str] = set()
 
     def take(key):
@@ -426,7 +495,7 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
     for src, dst in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
         out[f"vision_model.{dst}.weight"] = take(f"visual.{src}.weight")
         out[f"vision_model.{dst}.bias"] = take(f"visual.{src}.bias")
-    v_moe = _convert_blocks(sd, "visual.transformer.", "vision_model.", v_layers, out, used, num_experts)
+    v_moe = _convert_blocks(sd, "visual.transformer.", "vision_model.", v_layers, out, used, num_experts, stacks)
     proj = take("visual.proj")
     out["visual_projection.weight"] = proj.t().contiguous()
 
@@ -442,7 +511,7 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
     out["text_model.embeddings.position_embedding.weight"] = t_pos
     out["text_model.final_layer_norm.weight"] = take("ln_final.weight")
     out["text_model.final_layer_norm.bias"] = take("ln_final.bias")
-    t_moe = _convert_blocks(sd, "transformer.", "text_model.", t_layers, out, used, num_experts)
+    t_moe = _convert_blocks(sd, "transformer.", "text_model.", t_layers, out, used, num_experts, stacks)
     out["text_projection.weight"] = take("text_projection").t().contiguous()
     if "logit_scale" in sd:
         out["logit_scale"] = take("logit_scale")
@@ -452,8 +521,9 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
         raise CheckpointMismatchError(f"{source}: key '{leftover[0]}' is not understood ({len(leftover)} left over)")
 
     def first_intermediate(prefix, moe):
-        key = f"{prefix}encoder.layers.0.mlp." + ("experts.up_proj" if 0 in moe else "fc1.weight")
-        return out[key].shape[-2]
+        if 0 in moe:
+            return stacks[f"{prefix}encoder.layers.0.mlp.experts.up_proj"][0][0].shape[-2]
+        return out[f"{prefix}encoder.layers.0.mlp.fc1.weight"].shape[-2]
 
     vocab = tok.shape[0]
     vision = dict(hidden_size=width, intermediate_size=first_intermediate("vision_model.", v_moe),
@@ -469,8 +539,8 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
         config = CLIPConfig(vision_config=vision, text_config=text, projection_dim=proj.shape[1],
                             logit_scale_init_value=scale)
         return config, out
-    e = out[f"vision_model.encoder.layers.{v_moe[0]}.mlp.experts.up_proj"].shape[0] if v_moe else \
-        out[f"text_model.encoder.layers.{t_moe[0]}.mlp.experts.up_proj"].shape[0]
+    e = len(stacks[f"vision_model.encoder.layers.{v_moe[0]}.mlp.experts.up_proj"][0]) if v_moe else \
+        len(stacks[f"text_model.encoder.layers.{t_moe[0]}.mlp.experts.up_proj"][0])
     config = CLIPMoEConfig(
         vision_config={**vision, "num_experts": e, "top_k": top_k,
                        "moe_layers": None if len(v_moe) == v_layers else v_moe},
@@ -478,7 +548,8 @@ def openai_layout_to_hf(sd: Mapping[str, torch.Tensor], vision_heads: int | None
                      "moe_layers": None if len(t_moe) == t_layers else t_moe},
         projection_dim=proj.shape[1], logit_scale_init_value=scale,
     )
-    return config, out
+    out.setdefault("logit_scale", torch.tensor(scale))
+    return config, StackedStateDict(out, stacks)
 
 
 def open_clip_to_hf(model) -> CLIPModel:
@@ -537,10 +608,7 @@ def load_official_clipmoe(path_or_state_dict, num_experts: int | None = None, to
         for key, value in moe_options.items():
             setattr(tower, key, value)
     config.upcycling_info = {"source": source, "format": "official-clip-moe"}
-    model = CLIPMoEModel(config)
-    state = {**state, **{k: v for k, v in model.state_dict().items() if k.endswith("position_ids")}}
-    if "logit_scale" not in state:
-        state["logit_scale"] = model.logit_scale.detach().clone()
+    model = _empty_model(CLIPMoEModel, config)  # no random init: the checkpoint fills every tensor
     return load_state_dict_checked(model, state, source=source)
 
 

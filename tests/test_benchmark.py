@@ -162,3 +162,24 @@ def test_train_step_flops_count_sdpa_like_eager():
         step.append(count_flops(train_step_fn(model, "mcl", 4)))
     assert forward[0] == forward[1] > 0
     assert step[0] >= step[1] > 2 * forward[1]
+
+
+@pytest.mark.parametrize("case", ["sparse_upcycle", "dmu_assembly", "load_official"])
+def test_upcycle_item_measures_each_case(case):
+    """The ``upcycle`` item's measurement (in this process, at the tiny size): the MoE it builds has E x the FFN
+    parameters of the dense CLIP, the peak is read, and the official-layout case round-trips to the same model."""
+    from clipmoe_cli.benchmarks.upcycle import _official_layout, _random_dense, measure_case
+    from clipmoe_vlm.convert import load_official_clipmoe, sparse_upcycle
+
+    r = measure_case(case, "tiny", 2)
+    dense = _random_dense("tiny")
+    ffn = sum(p.numel() for n, p in dense.named_parameters() if ".mlp." in n)
+    routers = sum(tower.config.hidden_size * 2 * len(tower.encoder.layers)  # (E, H) per MoE layer
+                  for tower in (dense.vision_model, dense.text_model))
+    assert r["moe_parameters"] == sum(p.numel() for p in dense.parameters()) + ffn + routers
+    assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0 and r["cpu_seconds"] >= 0
+    if case == "load_official":
+        moe = sparse_upcycle(dense, num_experts=2, top_k=2)
+        back = load_official_clipmoe(_official_layout(moe), num_experts=2)
+        for key, value in moe.state_dict().items():
+            assert torch.equal(back.state_dict()[key], value), key

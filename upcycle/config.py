@@ -33,8 +33,11 @@ class MoEShape:
     capacity_factor: float | None = setting(None, "expert capacity factor with token dropping")
     batch_priority_routing: bool = setting(False, "fill expert capacity by top-1 gate value")
     norm_topk_prob: bool = setting(True, "renormalise the top-k gates (CLIP-MoE, Mixtral); off: raw gates")
-    experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] | None = setting(
-        None, "experts kernel (transformers' experts interface; default grouped_mm); does not change the result")
+    # eager by default: on CPU it measured faster than grouped_mm (docs/performance.md), and it is deterministic,
+    # so a resumed run equals an uninterrupted one; grouped_mm on this CPU was not (tests/test_upcycle_run.py)
+    experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] = setting(
+        "eager", "experts kernel of the upcycled model (transformers' experts interface): eager (a matmul per "
+                 "expert; deterministic), grouped_mm (GPUs) or batched_mm; every kernel computes the same function")
 
 
 @dataclass

@@ -22,6 +22,9 @@ Items (``--items``):
 - ``data``: `clipmoe_vlm.data.image_text.ImageTextDataset` + `collate_image_text` through a 2-worker
   DataLoader, samples/s, vs the samples/s an MCL training step of the tiny Shapes CLIP-MoE consumes at batch 32.
   Target >= 1.
+- ``upcycle``: `sparse_upcycle`, the DMU expert assembly and `load_official_clipmoe` of a ViT-L/14-336 CLIP
+  (E=4 in every layer of both towers, random weights), each in its own process: seconds and peak RSS over the
+  resident memory before plus the MoE's bytes. Targets: <= 10 s CPU time, <= 1.10.
 - ``loop``: the upcycling engine's whole training loop (one epoch of `Engine.train_stage`: sampler, loader,
   collate, logging, progress bar, final save) vs the raw training step on a batch in memory, samples/s, same
   tiny CLIP and batch; with the pairs decoded once (`clipmoe_vlm.data.decoded_pairs`) and streaming. Target
@@ -49,10 +52,11 @@ from .moe import bench_moe_layer, bench_tower, profile_moe, profile_tower
 from .report import markdown_table
 from .timing import machine_info
 from .training import bench_generate, bench_train
+from .upcycle import bench_upcycle
 
 __all__ = ["ITEMS", "TARGETS", "build_parser", "main", "plan", "run_benchmarks"]
 
-ITEMS = ("moe_layer", "tower", "train", "generate", "data", "loop")
+ITEMS = ("moe_layer", "tower", "train", "generate", "data", "loop", "upcycle")
 
 TARGETS = {
     "moe_layer": "moe_time / dense_equal_flops_time <= 1.05",
@@ -61,6 +65,7 @@ TARGETS = {
     "generate": "moe_tokens_per_s / dense_tokens_per_s >= 0.95",
     "data": "loader_samples_per_s / train_step_samples_per_s >= 1.0",
     "loop": "engine_loop_samples_per_s / raw_train_step_samples_per_s >= 0.90 (pairs decoded once)",
+    "upcycle": "cpu_seconds <= 10 and peak_rss / (rss_before + moe_bytes) <= 1.10",
 }
 
 _LM_100M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -81,6 +86,7 @@ def plan(quick: bool) -> dict:
                                          new_tokens=16, repeats=5)]),
             "data": dict(num_images=128, batch=32, workers=2, repeats=3),
             "loop": dict(num_images=256, batch=64, workers=2, repeats=2),
+            "upcycle": dict(size="vit-b16", num_experts=4),
         }
     return {
         "moe_layer": dict(cases=[("vit-b16", "fp32", 8, 7), ("vit-l14-336", "fp32", 8, 5),
@@ -97,6 +103,7 @@ def plan(quick: bool) -> dict:
         "data": dict(num_images=512, batch=32, workers=2, repeats=5),
         # the embedded default's tiny CLIP at the base's batch size, over one epoch of 1,024 pairs
         "loop": dict(num_images=1024, batch=64, workers=2, repeats=3),
+        "upcycle": dict(size="vit-l14-336", num_experts=4),
     }
 
 
@@ -140,6 +147,8 @@ def run_benchmarks(items=ITEMS, quick: bool = False, dtypes=("fp32", "bf16"), js
             result["items"][item] = bench_data(log=log, **p[item])
         elif item == "loop":
             result["items"][item] = bench_loop(log=log, **p[item])
+        elif item == "upcycle":
+            result["items"][item] = bench_upcycle(log=log, **p[item])
         else:
             raise ValueError(f"unknown item {item!r}; valid: {', '.join(ITEMS)}")
         log(f"  ({item}: {time.perf_counter() - t0:.1f} s)")

@@ -20,6 +20,7 @@ from .models import VIT_SIZES, cpu_autocast, vision_configs
 from .timing import interleaved, moe_layer_flops, vision_tower_flops
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "NaiveLoopMoE",
     "PaddedBmmMoE",
     "bench_moe_layer",
@@ -114,6 +115,24 @@ def with_padded_bmm(block):
 
 # ------------------------------------------------------------------------------------------------ items
 
+IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+# batched_mm gathers one (I, H) weight matrix per token and expert, for both projections: raced only where that
+# gather stays under this many bytes (ViT-B/16 at batch 8 would need ~30 GB)
+_BATCHED_MM_MAX_BYTES = 2 * 2**30
+
+
+def _implementations(tokens: int, top_k: int, hidden: int, inter: int, bytes_per: int = 4) -> list[str]:
+    gathered = 2 * tokens * top_k * hidden * inter * bytes_per
+    return [i for i in IMPLEMENTATIONS if i != "batched_mm" or gathered <= _BATCHED_MM_MAX_BYTES]
+
+
+def _with_implementation(config, implementation: str, fn):
+    """``fn`` run with ``config``'s experts kernel set to ``implementation`` (the experts read it per forward)."""
+    def f():
+        config._experts_implementation = implementation
+        return fn()
+    return f
+
 
 def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], log=print) -> list[dict]:
     """``cases``: (size name, dtype, batch, repeats); cases whose dtype is not in ``dtypes`` are skipped."""
@@ -140,8 +159,13 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
                 with torch.no_grad(), cpu_autocast(dt):
                     return m(inp)
             return f
-        contenders = {"dense_2x_tokens": run(dense, x2), "moe": run(moe, x), "naive_loop": run(naive, x),
+        contenders = {"dense_2x_tokens": run(dense, x2),
+                      "moe": _with_implementation(cfg, "grouped_mm", run(moe, x)), "naive_loop": run(naive, x),
                       "moe_padded_bmm_candidate": run(candidate, x)}
+        impls = _implementations(t, 2, spec["hidden"], spec["intermediate"]) if dtype == "fp32" else []
+        for impl in impls:
+            if impl != "grouped_mm":  # grouped_mm is the "moe" contender (the default kernel)
+                contenders[f"moe_{impl}"] = _with_implementation(cfg, impl, run(moe, x))
         if dtype == "bf16":  # the fp32 twins, timed in the same rounds: bf16 vs fp32 on this CPU
             contenders.update({"dense_2x_tokens_fp32": run(dense, x2, "fp32"), "moe_fp32": run(moe, x, "fp32")})
         res = interleaved(contenders, repeats=repeats, reference="dense_2x_tokens")
@@ -155,6 +179,8 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
                "moe_over_naive": statistics.median(
                    [a / b for a, b in zip(res["times_s"]["moe"], res["times_s"]["naive_loop"])]),
                "dense_gflops_per_s": flops_dense / res["median_s"]["dense_2x_tokens"] / 1e9,
+               "moe_over_dense_by_implementation": {i: ratio["moe" if i == "grouped_mm" else f"moe_{i}"]
+                                                    for i in impls},
                "target": "<= 1.05", "pass": ratio["moe"] <= 1.05}
         if dtype == "bf16":
             row["bf16_over_fp32_time"] = {
@@ -167,7 +193,8 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
             f"  naive/dense {ratio['naive_loop']:.3f}  padded-bmm candidate/dense "
             f"{ratio['moe_padded_bmm_candidate']:.3f}"
             + (f"  bf16/fp32 time: dense {row['bf16_over_fp32_time']['dense_2x_tokens']:.2f}, moe "
-               f"{row['bf16_over_fp32_time']['moe']:.2f}" if dtype == "bf16" else ""))
+               f"{row['bf16_over_fp32_time']['moe']:.2f}" if dtype == "bf16" else "")
+            + "".join(f"  {i} {r:.3f}" for i, r in row["moe_over_dense_by_implementation"].items()))
     return rows
 
 
@@ -189,7 +216,13 @@ def bench_tower(cases: list[tuple[str, int | None, int, str, int]], dtypes: list
                 with torch.no_grad(), cpu_autocast(dt):
                     return m(pixel_values=images)
             return f
-        contenders = {"dense": run(dense), "moe": run(moe)}
+        contenders = {"dense": run(dense), "moe": _with_implementation(moe.config, "grouped_mm", run(moe))}
+        tokens = batch * (dcfg.image_size // dcfg.patch_size) ** 2 + batch
+        impls = _implementations(tokens, mcfg.top_k, mcfg.hidden_size, mcfg.intermediate_size) \
+            if dtype == "fp32" else []
+        for impl in impls:
+            if impl != "grouped_mm":
+                contenders[f"moe_{impl}"] = _with_implementation(moe.config, impl, run(moe))
         if dtype == "bf16":
             contenders.update({"dense_fp32": run(dense, "fp32"), "moe_fp32": run(moe, "fp32")})
         res = interleaved(contenders, repeats=repeats, reference="dense")
@@ -200,6 +233,9 @@ def bench_tower(cases: list[tuple[str, int | None, int, str, int]], dtypes: list
                "images_per_s": {k: batch / v for k, v in res["median_s"].items()},
                "measured_time_ratio": measured, "efficiency": ideal / measured,
                "dense_gflops_per_s": fd["total"] / res["median_s"]["dense"] / 1e9,
+               # achieved FLOP/s over the dense tower's = FLOP-ideal time ratio / measured time ratio
+               "efficiency_by_implementation": {
+                   i: ideal / res["ratio_to_dense"]["moe" if i == "grouped_mm" else f"moe_{i}"] for i in impls},
                "target": ">= 0.95", "pass": ideal / measured >= 0.95}
         if dtype == "bf16":
             row["bf16_over_fp32_time"] = {
@@ -211,7 +247,8 @@ def bench_tower(cases: list[tuple[str, int | None, int, str, int]], dtypes: list
             f"time ratio {measured:.3f} vs ideal {ideal:.3f}  efficiency {row['efficiency']:.3f} "
             f"(target >= 0.95, {'ok' if row['pass'] else 'MISS'})"
             + (f"  bf16/fp32 time: dense {row['bf16_over_fp32_time']['dense']:.2f}, moe "
-               f"{row['bf16_over_fp32_time']['moe']:.2f}" if dtype == "bf16" else ""))
+               f"{row['bf16_over_fp32_time']['moe']:.2f}" if dtype == "bf16" else "")
+            + "".join(f"  {i} {e:.3f}" for i, e in row["efficiency_by_implementation"].items()))
     return rows
 
 
