@@ -114,3 +114,20 @@ def serve_judge(judge: ChatJudge):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def tiny_moe_llava(image_token_id: int = 120, image_seq_length: int = 16):
+    """A LLaVA with a tiny CLIP-MoE vision tower (4 experts, top-2) and a tiny Llama, seeded, randomly initialised."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from clipmoe_vlm import CLIPMoEVisionConfig
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPMoEVisionConfig(**TINY_VISION, num_experts=4, top_k=2),
+        text_config=LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        image_token_id=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=image_seq_length)
+    return LlavaForConditionalGeneration(config)

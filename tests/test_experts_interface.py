@@ -17,9 +17,9 @@ from unittest.mock import Mock, patch
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VISION
+from conftest import TINY_TEXT, TINY_VISION, tiny_moe_llava
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoModel, LlavaForConditionalGeneration
 from transformers.integrations.moe import _can_use_grouped_mm, batched_mm_experts_forward, grouped_mm_experts_forward
 
 from clipmoe_vlm import (
@@ -143,14 +143,7 @@ def _tiny_moe() -> CLIPMoEModel:
 
 
 def _tiny_llava() -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPMoEVisionConfig(**TINY_VISION, num_experts=4, top_k=2),
-        text_config=LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        image_token_id=120, vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = tiny_moe_llava().eval()
     with torch.no_grad():
         for p in model.model.vision_tower.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VISION
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from conftest import tiny_moe_llava
+from transformers import LlavaForConditionalGeneration
 
-from clipmoe_vlm import CLIPMoEVisionConfig, CLIPMoEVisionModel
+from clipmoe_vlm import CLIPMoEVisionModel
 
 IMAGE_TOKEN = 120
 NUM_PATCHES = (32 // 8) ** 2  # image 32, patch 8; the CLS token is dropped ("default" strategy)
@@ -15,18 +15,7 @@ NUM_PATCHES = (32 // 8) ** 2  # image 32, patch 8; the CLS token is dropped ("de
 
 @pytest.fixture
 def tiny_llava() -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPMoEVisionConfig(**TINY_VISION, num_experts=4, top_k=2),
-        text_config=LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=NUM_PATCHES,
-    )
-    return LlavaForConditionalGeneration(config)
+    return tiny_moe_llava(IMAGE_TOKEN, NUM_PATCHES)
 
 
 def batch(pixel_values):
