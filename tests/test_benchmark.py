@@ -177,7 +177,8 @@ def test_upcycle_item_measures_each_case(case):
     routers = sum(tower.config.hidden_size * 2 * len(tower.encoder.layers)  # (E, H) per MoE layer
                   for tower in (dense.vision_model, dense.text_model))
     assert r["moe_parameters"] == sum(p.numel() for p in dense.parameters()) + ffn + routers
-    assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0 and r["cpu_seconds"] >= 0
+    # The kernel's RSS counters are per-CPU and read approximately (Linux >= 6.2): allow a few MiB of slack.
+    assert r["peak_rss_bytes"] >= r["rss_before_bytes"] - 4 * 2**20 > 0 and r["cpu_seconds"] >= 0
     if case == "load_official":
         moe = sparse_upcycle(dense, num_experts=2, top_k=2)
         back = load_official_clipmoe(_official_layout(moe), num_experts=2)

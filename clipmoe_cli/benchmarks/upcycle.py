@@ -19,6 +19,7 @@ loaded machine does not inflate; the wall time is recorded next to it.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -135,9 +136,11 @@ def measure_case(case: str, size: str, num_experts: int) -> dict:
             return load_official_clipmoe(official, num_experts=num_experts)
     else:
         raise ValueError(f"unknown upcycle case {case!r}; valid: {', '.join(UPCYCLE_CASES)}")
-    before_kib = _status_kib("VmRSS")
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
         f.write("5")
+    # Read after the reset: memory freed between a read and the reset would leave the peak below "before".
+    before_kib = _status_kib("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     result = run()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
