@@ -69,8 +69,8 @@ LONGCLIP_TEXT_POSITIONS = 248
 
 class StackedStateDict(Mapping):
     """A read-only state dict whose stacked expert tensors are built when read (`upcycle_state_dict` with
-    ``expert_sources``): `load_state_dict_checked` loads them one at a time, so assembling experts from several
-    sources never holds a second copy of all experts (only one stacked tensor at a time)."""
+    ``expert_sources``): `load_state_dict_checked` copies each source tensor straight into its expert's slice of
+    the model, so assembling experts from several sources never builds a stacked copy."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], stacks: dict[str, tuple[list[torch.Tensor], torch.dtype]]):
         self._tensors, self._stacks = tensors, stacks
@@ -104,8 +104,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     if isinstance(state_dict, StackedStateDict):
         check_shapes(expected, {k: state_dict.shape(k) for k in state_dict}, source)
         model.load_state_dict(state_dict._tensors, strict=False)  # every key checked above
-        for key in state_dict._stacks:
-            model.load_state_dict({key: state_dict[key]}, strict=False)
+        targets = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for key, (pieces, _) in state_dict._stacks.items():
+                for e, piece in enumerate(pieces):  # in place, expert by expert: no stacked temporary
+                    targets[key][e].copy_(piece)
         return model
     state_dict = {rename_legacy_expert_key(k): v for k, v in state_dict.items()}  # pre-interface expert names
     check_shapes(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
@@ -338,8 +341,10 @@ def _hf_moe_class(dense: nn.Module):
 
 
 def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None, upcycling_info: dict | None = None,
-                   experts_implementation: str | None = None, **moe_options):
-    """Turns a dense CLIP into a CLIP-MoE whose experts are copies of the dense FFN (sparse upcycling).
+                   experts_implementation: str | None = None,
+                   expert_sources: list[Mapping[str, torch.Tensor]] | None = None, **moe_options):
+    """Turns a dense CLIP into a CLIP-MoE whose experts are copies of the dense FFN (sparse upcycling), or, with
+    ``expert_sources``, whose expert ``e`` is the FFN of ``expert_sources[e]`` (DMU's assembly).
 
     Args:
         dense: a transformers ``CLIPModel`` (-> `CLIPMoEModel`), ``CLIPVisionModel`` (-> `CLIPMoEVisionModel`),
@@ -351,6 +356,9 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
             ``capacity_factor``, ``batch_priority_routing``, ``router_aux_loss_coef``, ``router_z_loss_coef``).
         experts_implementation: the experts kernel (``"grouped_mm"``, ``"eager"``, ``"batched_mm"``; None: the
             default, grouped_mm); it does not change the function, and it is not saved with the model.
+        expert_sources: one state dict per expert (transformers CLIP keys, as ``dense.state_dict()``), each with
+            every FFN key of the MoE layers; the rest of the model comes from ``dense``. Each expert tensor is
+            written once, straight from its source.
 
     With renormalised top-k weights (the default) the result computes exactly the dense function until the
     experts are trained apart; the routers are new.
@@ -368,8 +376,8 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
     first = next(dense.parameters())
     # no random init and no second copy: every tensor is written once, from the dense model's (peak: dense + MoE)
     moe = _empty_model(moe_cls, config, first.dtype, first.device)
-    load_state_dict_checked(moe, upcycle_state_dict(dense.state_dict(), moe),
-                            source=f"upcycled {type(dense).__name__}")
+    load_state_dict_checked(moe, upcycle_state_dict(dense.state_dict(), moe, expert_sources=expert_sources),
+                            source=f"upcycled {type(dense).__name__}" + (" with expert sources" if expert_sources else ""))
     if experts_implementation is not None:
         moe.set_experts_implementation(experts_implementation)
     return moe.train(dense.training)

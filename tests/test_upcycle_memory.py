@@ -95,3 +95,28 @@ def test_expert_assembly_stacks_lazily_one_tensor_at_a_time(dense):
                                    dense.text_model.encoder.layers[0].mlp.fc1.bias + shift, rtol=0, atol=0)
     assert state.shape("text_model.encoder.layers.0.mlp.experts.up_proj") == \
         tuple(moe.text_model.encoder.layers[0].mlp.experts.up_proj.shape)
+
+
+def test_sparse_upcycle_with_expert_sources_writes_each_expert_once(dense):
+    """DMU's assembly in one call: expert ``e`` is source ``e``'s FFN exactly, everything else and the routers are
+    what plain upcycling gives under the same seed, and the call allocates the MoE once (no stacked temporaries)."""
+    base = dense.state_dict()
+    sources = [base] + [{**base, **{k: v * (1 + s) for k, v in base.items() if ".mlp." in k}} for s in (1.0, 2.0)]
+    torch.manual_seed(5)
+    plain = sparse_upcycle(dense, num_experts=3, top_k=2)
+    torch.manual_seed(5)
+    with AllocationCounter() as counter:
+        moe = sparse_upcycle(dense, num_experts=3, top_k=2, expert_sources=sources)
+    moe_bytes = _nbytes(moe.parameters())
+    assert moe_bytes <= counter.bytes <= 1.05 * moe_bytes, (counter.bytes, moe_bytes)
+    got, want = moe.state_dict(), plain.state_dict()
+    assert got.keys() == want.keys()
+    for key in got:
+        if ".mlp.experts." not in key:
+            assert torch.equal(got[key], want[key]), key
+    for e, factor in enumerate((1.0, 2.0, 3.0)):
+        for tower in (moe.vision_model, moe.text_model):
+            dense_tower = getattr(dense, "vision_model" if tower is moe.vision_model else "text_model")
+            for layer, dense_layer in zip(tower.encoder.layers, dense_tower.encoder.layers):
+                assert torch.equal(layer.mlp.experts.up_proj[e], dense_layer.mlp.fc1.weight * factor)
+                assert torch.equal(layer.mlp.experts.down_proj_bias[e], dense_layer.mlp.fc2.bias * factor)

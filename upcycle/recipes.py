@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from clipmoe_vlm import CLIPMoEModel
-from clipmoe_vlm.convert import load_state_dict_checked, sparse_upcycle, stretch_text_positions, upcycle_state_dict
+from clipmoe_vlm.convert import sparse_upcycle, stretch_text_positions
 from clipmoe_vlm.defaults import cache_dir
 from clipmoe_vlm.loading import load_clip
 
@@ -267,10 +267,9 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
             expert_ffns.append({k: v for k, v in stage_model.state_dict().items() if _MLP.search(k)})
             current = stage_model
         torch.manual_seed(cfg.run.seed)  # the routers' initialisation
-        moe = sparse_upcycle(base, moe_shape.num_experts, moe_shape.top_k, moe_shape.moe_layers, **_moe_options(cfg))
         sources = [expert_ffns[0]] + [{**expert_ffns[0], **ffn} for ffn in expert_ffns[1:]]
-        load_state_dict_checked(moe, upcycle_state_dict(expert_ffns[0], moe, expert_sources=sources),
-                                source="assembled experts")
+        moe = sparse_upcycle(base, moe_shape.num_experts, moe_shape.top_k, moe_shape.moe_layers,
+                             expert_sources=sources, **_moe_options(cfg))
         tokens = _token_sample(dataset, val_idx) if acc.is_main_process else None
         if tokens is not None:
             diversity = expert_diversity(moe, tokens["pixel_values"], tokens["input_ids"])

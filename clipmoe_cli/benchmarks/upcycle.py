@@ -7,9 +7,8 @@ reads ``VmHWM``. Cases:
 
 - ``sparse_upcycle``: `clipmoe_vlm.convert.sparse_upcycle` of the dense CLIP into E experts in every layer of
   both towers;
-- ``dmu_assembly``: the DMU recipe's assembly (upcycle/recipes.py): `sparse_upcycle`, then expert ``e`` loaded
-  from the ``e``-th of E FFN sets (E-1 stage copies of the dense FFNs) via `upcycle_state_dict` and
-  `load_state_dict_checked`;
+- ``dmu_assembly``: the DMU recipe's assembly (upcycle/recipes.py): `sparse_upcycle` with ``expert_sources``,
+  expert ``e`` written from the ``e``-th of E FFN sets (E-1 stage copies of the dense FFNs);
 - ``load_official``: `load_official_clipmoe` of the same CLIP-MoE in the official release's OpenAI layout.
 
 Target: CPU seconds <= 10 and peak RSS <= (resident before + MoE bytes) * 1.10 (``resident before``: the process
@@ -109,7 +108,7 @@ def _bytes(module_or_sd) -> int:
 
 def measure_case(case: str, size: str, num_experts: int) -> dict:
     """Runs one case in this process (`bench_upcycle` calls it in a child process) and returns its record."""
-    from clipmoe_vlm.convert import load_official_clipmoe, load_state_dict_checked, sparse_upcycle, upcycle_state_dict
+    from clipmoe_vlm.convert import load_official_clipmoe, sparse_upcycle
 
     torch.manual_seed(0)
     dense = _random_dense(size)
@@ -124,8 +123,7 @@ def measure_case(case: str, size: str, num_experts: int) -> dict:
         sources = [base] + [{**base, **ffn} for ffn in ffns]
 
         def run():
-            moe = sparse_upcycle(dense, num_experts=num_experts, top_k=2)
-            return load_state_dict_checked(moe, upcycle_state_dict(base, moe, expert_sources=sources))
+            return sparse_upcycle(dense, num_experts=num_experts, top_k=2, expert_sources=sources)
     elif case == "load_official":
         moe = sparse_upcycle(dense, num_experts=num_experts, top_k=2)
         official = {k: v.clone() for k, v in _official_layout(moe).items()}  # a file's worth of separate tensors
