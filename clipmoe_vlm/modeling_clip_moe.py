@@ -185,6 +185,12 @@ class CLIPMoEEncoder(CLIPEncoder):
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
+# torch's grouped_mm rejects weights and activations whose rows are not a multiple of 16 bytes ("strides should be
+# multiple of 16 bytes"): 4 values in fp32, 8 in bf16/fp16. The dtype is not known when the kernel is chosen, so
+# both widths of an MoE tower must be multiples of 8 (every released CLIP's are).
+GROUPED_MM_WIDTH_MULTIPLE = 8
+
+
 class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
     """Weight init and output capture shared by the CLIP-MoE models."""
 
@@ -199,6 +205,24 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         # transformers looks for the decorator in the model's own module; the experts live in clipmoe_vlm.moe
+        return True
+
+    def _grouped_mm_can_dispatch(self) -> bool:
+        """transformers asks this before using ``grouped_mm``: an error here makes the default fall back to eager and
+        an explicit ``experts_implementation="grouped_mm"`` fail with this message, before any forward."""
+        super()._grouped_mm_can_dispatch()
+        towers = [("config", self.config)] + [(f"{name}", getattr(self.config, name, None))
+                                             for name in ("vision_config", "text_config")]
+        for name, config in towers:
+            if not isinstance(config, MoETowerFields):
+                continue
+            for field in ("hidden_size", "intermediate_size"):
+                width = getattr(config, field)
+                if width % GROUPED_MM_WIDTH_MULTIPLE:
+                    raise ValueError(
+                        f"experts_implementation='grouped_mm' needs {name}.{field} to be a multiple of "
+                        f"{GROUPED_MM_WIDTH_MULTIPLE} (torch's grouped_mm takes only 16-byte rows, 8 values in "
+                        f"bf16), but it is {width}; use experts_implementation='eager' or 'batched_mm'")
         return True
 
     @classmethod

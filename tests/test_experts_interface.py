@@ -386,6 +386,26 @@ def test_text_tower_uses_no_deprecated_mask_argument(input_ids):
     assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
+def test_grouped_mm_refuses_widths_its_kernel_cannot_take(pixel_values):
+    """torch's grouped_mm fails mid-forward on rows that are not 16-byte multiples ("strides should be multiple of
+    16 bytes"): the default falls back to eager at construction, and an explicit request fails there, naming the
+    field; eager and batched_mm still agree on such a tower."""
+    odd = {**TINY_VISION, "intermediate_size": 37}
+    tower = CLIPMoEVisionModel(CLIPMoEVisionConfig(**odd))
+    assert tower.config._experts_implementation == "eager"
+    with pytest.raises(ValueError, match=r"config\.intermediate_size .* multiple of 8.* 37"):
+        CLIPMoEVisionModel(CLIPMoEVisionConfig(**odd, experts_implementation="grouped_mm"))
+    with pytest.raises(ValueError, match="intermediate_size"):
+        tower.set_experts_implementation("grouped_mm")
+    with torch.no_grad():
+        eager = tower(pixel_values).last_hidden_state
+        tower.set_experts_implementation("batched_mm")
+        torch.testing.assert_close(tower(pixel_values).last_hidden_state, eager, rtol=1e-5, atol=1e-5)
+    text = CLIPMoEConfig(text_config=TINY_TEXT, vision_config={**odd, "intermediate_size": 36})
+    with pytest.raises(ValueError, match=r"vision_config\.intermediate_size"):
+        CLIPMoEModel._from_config(text, experts_implementation="grouped_mm")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_grouped_mm_bf16_on_gpu_matches_eager():
