@@ -105,6 +105,20 @@ def test_resume_after_kill_matches_uninterrupted_run(pairs, tmp_path, uninterrup
     assert_same_weights(uninterrupted, tmp_path / "killed")
 
 
+def test_grouped_mm_resume_matches_with_deterministic_algorithms(pairs, tmp_path):
+    """The grouped_mm kernel gathers a bias row per token; on the CPU that gather's backward sums in a varying order,
+    so two grouped_mm runs differ in the last bits. With --deterministic a killed and resumed grouped_mm run equals
+    an uninterrupted one, and the switch is off again after each run."""
+    args = [*RESUME_ARGS, "--experts-implementation", "grouped_mm", "--deterministic", "--save-every", "3"]
+    full = main(run_args(pairs, tmp_path / "full", *args))
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(StopRequested):
+        main(run_args(pairs, tmp_path / "killed", *args, "--stop-after-steps", "13"))
+    main(run_args(pairs, tmp_path / "killed", *args, "--resume"))
+    assert_same_weights(full, tmp_path / "killed")
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def assert_whole_files(folder: Path, allow_tmp: bool) -> None:
     """Every file of ``folder`` reads completely; ``.tmp`` names (a write cut by the kill) only if allowed."""
     for path in sorted(folder.rglob("*")):

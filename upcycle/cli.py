@@ -11,6 +11,7 @@ same, or started over (``--overwrite``); a run with other settings is refused be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -64,9 +65,28 @@ def main(argv: list[str] | None = None) -> Path:
     whole_models_under_zero3(accelerator)
     argv = argv if argv is not None else sys.argv[1:]
     try:
-        cfg = resolve_defaults(cfg, accelerator)
-        if cfg.shapes.compare:
-            return run_comparison(cfg, accelerator, argv)
-        return run_upcycling(cfg, accelerator, argv)
+        with deterministic_algorithms(cfg.run.deterministic):
+            cfg = resolve_defaults(cfg, accelerator)
+            if cfg.shapes.compare:
+                return run_comparison(cfg, accelerator, argv)
+            return run_upcycling(cfg, accelerator, argv)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch's deterministic algorithms for the duration of a run, then the previous setting again (``main`` is
+    also called in-process, by `reproduce` and tests: a global switch must not outlive the run)."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic GEMMs need it
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -34,7 +34,8 @@ class MoEShape:
     batch_priority_routing: bool = setting(False, "fill expert capacity by top-1 gate value")
     norm_topk_prob: bool = setting(True, "renormalise the top-k gates (CLIP-MoE, Mixtral); off: raw gates")
     # eager by default: on CPU it measured faster than grouped_mm (docs/performance.md), and it is deterministic,
-    # so a resumed run equals an uninterrupted one; grouped_mm on this CPU was not (tests/test_upcycle_run.py)
+    # so a resumed run equals an uninterrupted one; grouped_mm is only with --deterministic (its per-row bias gather
+    # accumulates its gradient in a varying order on the CPU)
     experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] = setting(
         "eager", "experts kernel of the upcycled model (transformers' experts interface): eager (a matmul per "
                  "expert; deterministic), grouped_mm (GPUs) or batched_mm; every kernel computes the same function")
@@ -122,6 +123,10 @@ class RunSettings:
     tensorboard: bool = setting(False, "also log to TensorBoard through accelerate")
     stop_after_steps: int | None = setting(None, "stop as if killed after N optimizer steps in total "
                                                  "(to test --resume)")
+    deterministic: bool = setting(False, "deterministic algorithms only (torch.use_deterministic_algorithms): "
+                                         "bitwise repeatable runs and resumes under every experts kernel (the "
+                                         "grouped_mm and batched_mm kernels' bias gradients otherwise sum in a "
+                                         "varying order), at some speed cost")
 
 
 @dataclass

@@ -46,7 +46,7 @@ __all__ = ["NEUTRAL_SETTINGS", "check_output_folder", "decode_once", "make_engin
 # exactly the streaming loader's batches, and checkpoints are exact; --compare and --lr-sweep only add sibling
 # runs and world metrics to the diagnostics; the experts kernels compute the same function.
 NEUTRAL_SETTINGS = ("output", "resume", "overwrite", "num_workers", "save_every", "tensorboard", "decode_once",
-                    "compare", "lr_sweep", "stop_after_steps", "experts_implementation")
+                    "compare", "lr_sweep", "stop_after_steps", "experts_implementation", "deterministic")
 # What a run writes into its folder (deleted by --overwrite); the first five mark a folder as holding a run
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "work", "config.json",
              "README.md", "comparison.md", "comparison.json", ".model.tmp")
