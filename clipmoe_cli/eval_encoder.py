@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image-loading worker processes, 0 loads in the main process (default: %(default)s)")
     parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     parser.add_argument("--experts-implementation", choices=("grouped_mm", "eager", "batched_mm"), default=None,
-                        help="experts kernel of a CLIP-MoE model (default: grouped_mm, transformers' default)")
+                        help="experts kernel of a CLIP-MoE model (default: eager without CUDA, grouped_mm with CUDA)")
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0,

@@ -355,7 +355,7 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
         moe_options: further MoE config fields (``norm_topk_prob``, ``router_jitter_noise``, ``expert_dropout``,
             ``capacity_factor``, ``batch_priority_routing``, ``router_aux_loss_coef``, ``router_z_loss_coef``).
         experts_implementation: the experts kernel (``"grouped_mm"``, ``"eager"``, ``"batched_mm"``; None: the
-            default, grouped_mm); it does not change the function, and it is not saved with the model.
+            default, eager without CUDA and grouped_mm with it); it does not change the function, and it is not saved with the model.
         expert_sources: one state dict per expert (transformers CLIP keys, as ``dense.state_dict()``), each with
             every FFN key of the MoE layers; the rest of the model comes from ``dense``. Each expert tensor is
             written once, straight from its source.

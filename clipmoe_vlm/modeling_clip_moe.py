@@ -16,8 +16,9 @@ registered with transformers, in a CLIP-MoE folder and in a LLaVA folder with a 
   logits, and on its output the router logits of each tower and ``aux_loss`` (each tower's load-balancing and
   z-loss weighted by its config's coefficients).
 
-Every model takes ``experts_implementation`` (``"grouped_mm"``, the default, ``"eager"``, ``"batched_mm"``) in its
-config or at ``from_pretrained``, and ``set_experts_implementation`` switches it (see `clipmoe_vlm.moe`).
+Every model takes ``experts_implementation`` (``"eager"``, ``"grouped_mm"``, ``"batched_mm"``; unset: eager on a
+machine without CUDA, grouped_mm with CUDA) in its config or at ``from_pretrained``, and
+``set_experts_implementation`` switches it (see `clipmoe_vlm.moe`).
 
 Router logits: each encoder layer returns ``(hidden_states, router_logits)`` (None for a dense layer) and
 transformers' output capturing records index 1 of the layers' outputs, so no module keeps state between calls and
@@ -206,6 +207,13 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         # transformers looks for the decorator in the model's own module; the experts live in clipmoe_vlm.moe
         return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """The kernel when none was asked for: ``eager`` on a machine without CUDA (on CPU it beat ``grouped_mm``
+        in 9 of 10 measured rows, docs/performance.md), transformers' ``grouped_mm`` where CUDA is present."""
+        if requested_experts is None and not torch.cuda.is_available():
+            return "eager"
+        return super().get_correct_experts_implementation(requested_experts)
 
     def _grouped_mm_can_dispatch(self) -> bool:
         """transformers asks this before using ``grouped_mm``: an error here makes the default fall back to eager and

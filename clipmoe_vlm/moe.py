@@ -19,9 +19,10 @@ Experts (`CLIPMoEExperts`): E CLIP MLPs on transformers' experts interface
 (E, H), so that ``up_proj[e]`` is exactly a dense CLIP ``mlp.fc1.weight``. Upcycling is a stack, every expert
 tensor is one parameter for DDP/ZeRO-3 (no "unused parameter" when an expert gets no token). The kernel is
 the config's ``experts_implementation``: ``"eager"`` (the `CLIPMoEExperts.forward` below: tokens sorted by
-expert, one matmul per expert over its slice), ``"grouped_mm"`` (one grouped GEMM per projection; the default)
-or ``"batched_mm"`` (one batched matmul over the T*k gathered expert weights), chosen at
-``from_pretrained(..., experts_implementation=...)`` or with ``model.set_experts_implementation(...)``.
+expert, one matmul per expert over its slice; the default without CUDA; under torch.compile/export it runs as
+grouped_mm), ``"grouped_mm"`` (one grouped GEMM per projection; the default with CUDA) or ``"batched_mm"`` (one
+batched matmul over the T*k gathered expert weights), chosen at ``from_pretrained(..., experts_implementation=...)``
+or with ``model.set_experts_implementation(...)``.
 The expert dropout (``expert_dropout``) sits inside ``act_fn`` (activation, then dropout), so every
 implementation applies it where CLIP-MoE does, between the activation and the output projection.
 """
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import grouped_mm_experts_forward, use_experts_implementation
 
 __all__ = [
     "LEGACY_EXPERT_KEYS",
@@ -142,6 +143,10 @@ class CLIPMoEExperts(nn.Module):
         # "eager": the T*k assignments sorted by expert, so each expert's tokens form one contiguous slice and
         # each expert runs one matmul over it (a loop over E experts, never over tokens); the weighted results
         # are summed per token in fp32 (as the grouped_mm and batched_mm implementations do).
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            # the loop below needs each expert's token count as a Python int, which a traced graph cannot have:
+            # under torch.compile and torch.export the same function runs as transformers' grouped_mm kernel
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         num_tokens, top_k = top_k_index.shape
         flat_expert = top_k_index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)

@@ -195,7 +195,12 @@ def test_new_folders_use_the_interface_names(moe_folder, llava_folder):
 def test_experts_implementation_at_from_pretrained_clip_moe(moe_folder, pixel_values, input_ids):
     default = AutoModel.from_pretrained(moe_folder)
     assert type(default) is CLIPMoEModel and default._can_set_experts_implementation()
-    assert default.vision_model.config._experts_implementation == "grouped_mm"  # transformers' default
+    # the default: eager on a machine without CUDA (the faster CPU kernel), transformers' grouped_mm with CUDA
+    expected = "grouped_mm" if torch.cuda.is_available() else "eager"
+    assert default.get_experts_implementation() == {"": expected, "text_config": expected, "vision_config": expected}
+    with patch("torch.cuda.is_available", return_value=not torch.cuda.is_available()):
+        other = AutoModel.from_pretrained(moe_folder)
+    assert other.vision_model.config._experts_implementation == ("eager" if expected == "grouped_mm" else "grouped_mm")
     outputs = {}
     for implementation in IMPLEMENTATIONS:
         model = AutoModel.from_pretrained(moe_folder, experts_implementation=implementation).eval()
@@ -207,9 +212,9 @@ def test_experts_implementation_at_from_pretrained_clip_moe(moe_folder, pixel_va
         for name in ("logits_per_image", "image_embeds", "text_embeds", "aux_loss"):
             torch.testing.assert_close(getattr(outputs[implementation], name), getattr(outputs["eager"], name),
                                        atol=1e-5, rtol=1e-5)
-    per_tower = AutoModel.from_pretrained(moe_folder, experts_implementation={"vision_config": "eager"})
-    assert per_tower.vision_model.config._experts_implementation == "eager"
-    assert per_tower.text_model.config._experts_implementation == "grouped_mm"
+    per_tower = AutoModel.from_pretrained(moe_folder, experts_implementation={"vision_config": "batched_mm"})
+    assert per_tower.vision_model.config._experts_implementation == "batched_mm"
+    assert per_tower.text_model.config._experts_implementation == expected
     tower = CLIPMoEVisionModel(CLIPMoEVisionConfig(**TINY_VISION, experts_implementation="batched_mm"))
     assert tower.config._experts_implementation == "batched_mm"  # a config choice too
 
@@ -248,6 +253,9 @@ def test_experts_implementation_at_from_pretrained_llava(llava_folder, pixel_val
     per_tower = LlavaForConditionalGeneration.from_pretrained(llava_folder,
                                                               experts_implementation={"vision_config": "eager"})
     assert per_tower.model.vision_tower.config._experts_implementation == "eager"
+    default = LlavaForConditionalGeneration.from_pretrained(llava_folder)
+    assert default.model.vision_tower.config._experts_implementation == (
+        "grouped_mm" if torch.cuda.is_available() else "eager")
 
 
 def test_folder_saved_before_the_interface_loads_unchanged(moe_folder, llava_folder, tmp_path, pixel_values,

@@ -75,7 +75,7 @@ class ModelSettings:
     router_z_loss_coef: float | None = setting(None, "router z-loss weight when the routers train (default: the "
                                                      "tower config's)")
     experts_implementation: Literal["grouped_mm", "eager", "batched_mm"] | None = setting(
-        None, "experts kernel of the CLIP-MoE tower (default: grouped_mm, transformers' default)")
+        None, "experts kernel of the CLIP-MoE tower (default: eager without CUDA, grouped_mm with CUDA)")
 
 
 @dataclass
