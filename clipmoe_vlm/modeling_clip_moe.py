@@ -58,7 +58,14 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .checkpoint import check_shapes, safetensors_shapes
 from .configuration_clip_moe import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig, MoETowerFields
 from .losses import global_entropy_loss, load_balancing_loss, local_entropy_loss, router_z_loss
-from .moe import LEGACY_EXPERT_KEYS, CLIPMoEExperts, CLIPMoERouter, CLIPMoESparseBlock, rename_legacy_expert_key
+from .moe import (
+    LEGACY_EXPERT_KEYS,
+    CLIPMoEExperts,
+    CLIPMoERouter,
+    CLIPMoESparseBlock,
+    default_experts_implementation,
+    rename_legacy_expert_key,
+)
 
 __all__ = [
     "CLIPMoEModel",
@@ -209,9 +216,9 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """The kernel when none was asked for: ``eager`` on a machine without CUDA (on CPU it beat ``grouped_mm``
-        in 9 of 10 measured rows, docs/performance.md), transformers' ``grouped_mm`` where CUDA is present."""
-        if requested_experts is None and not torch.cuda.is_available():
+        """transformers' check of the requested kernel; none requested: `default_experts_implementation` (where that
+        is grouped_mm, transformers' own default path, which falls back to eager for widths grouped_mm refuses)."""
+        if requested_experts is None and default_experts_implementation() == "eager":
             return "eager"
         return super().get_correct_experts_implementation(requested_experts)
 

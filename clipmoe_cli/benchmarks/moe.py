@@ -14,7 +14,7 @@ from transformers import CLIPVisionModel
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from clipmoe_vlm import CLIPMoEVisionConfig, CLIPMoEVisionModel
-from clipmoe_vlm.moe import CLIPMoESparseBlock, capacity_mask
+from clipmoe_vlm.moe import CLIPMoESparseBlock, capacity_mask, default_experts_implementation
 
 from .models import VIT_SIZES, cpu_autocast, vision_configs
 from .timing import interleaved, moe_layer_flops, vision_tower_flops
@@ -116,6 +116,7 @@ def with_padded_bmm(block):
 # ------------------------------------------------------------------------------------------------ items
 
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+DEFAULT = default_experts_implementation()  # the "moe" contender: the kernel a CLIP-MoE model gets on this machine
 # batched_mm gathers one (I, H) weight matrix per token and expert, for both projections: raced only where that
 # gather stays under this many bytes (ViT-B/16 at batch 8 would need ~30 GB)
 _BATCHED_MM_MAX_BYTES = 2 * 2**30
@@ -143,7 +144,7 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
         spec = VIT_SIZES[size]
         cfg = CLIPMoEVisionConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
                                   num_hidden_layers=1, num_attention_heads=spec["heads"], num_experts=4, top_k=2,
-                                  experts_implementation="grouped_mm")  # the CLIP-MoE models' default kernel
+                                  experts_implementation=DEFAULT)
         torch.manual_seed(0)
         moe = CLIPMoESparseBlock(cfg).eval()
         dense = CLIPMLP(cfg).eval()
@@ -160,11 +161,11 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
                     return m(inp)
             return f
         contenders = {"dense_2x_tokens": run(dense, x2),
-                      "moe": _with_implementation(cfg, "grouped_mm", run(moe, x)), "naive_loop": run(naive, x),
+                      "moe": _with_implementation(cfg, DEFAULT, run(moe, x)), "naive_loop": run(naive, x),
                       "moe_padded_bmm_candidate": run(candidate, x)}
         impls = _implementations(t, 2, spec["hidden"], spec["intermediate"]) if dtype == "fp32" else []
         for impl in impls:
-            if impl != "grouped_mm":  # grouped_mm is the "moe" contender (the default kernel)
+            if impl != DEFAULT:  # the default kernel is the "moe" contender
                 contenders[f"moe_{impl}"] = _with_implementation(cfg, impl, run(moe, x))
         if dtype == "bf16":  # the fp32 twins, timed in the same rounds: bf16 vs fp32 on this CPU
             contenders.update({"dense_2x_tokens_fp32": run(dense, x2, "fp32"), "moe_fp32": run(moe, x, "fp32")})
@@ -179,7 +180,7 @@ def bench_moe_layer(cases: list[tuple[str, str, int, int]], dtypes: list[str], l
                "moe_over_naive": statistics.median(
                    [a / b for a, b in zip(res["times_s"]["moe"], res["times_s"]["naive_loop"])]),
                "dense_gflops_per_s": flops_dense / res["median_s"]["dense_2x_tokens"] / 1e9,
-               "moe_over_dense_by_implementation": {i: ratio["moe" if i == "grouped_mm" else f"moe_{i}"]
+               "moe_over_dense_by_implementation": {i: ratio["moe" if i == DEFAULT else f"moe_{i}"]
                                                     for i in impls},
                "target": "<= 1.05", "pass": ratio["moe"] <= 1.05}
         if dtype == "bf16":
@@ -216,12 +217,12 @@ def bench_tower(cases: list[tuple[str, int | None, int, str, int]], dtypes: list
                 with torch.no_grad(), cpu_autocast(dt):
                     return m(pixel_values=images)
             return f
-        contenders = {"dense": run(dense), "moe": _with_implementation(moe.config, "grouped_mm", run(moe))}
+        contenders = {"dense": run(dense), "moe": _with_implementation(moe.config, DEFAULT, run(moe))}
         tokens = batch * (dcfg.image_size // dcfg.patch_size) ** 2 + batch
         impls = _implementations(tokens, mcfg.top_k, mcfg.hidden_size, mcfg.intermediate_size) \
             if dtype == "fp32" else []
         for impl in impls:
-            if impl != "grouped_mm":
+            if impl != DEFAULT:
                 contenders[f"moe_{impl}"] = _with_implementation(moe.config, impl, run(moe))
         if dtype == "bf16":
             contenders.update({"dense_fp32": run(dense, "fp32"), "moe_fp32": run(moe, "fp32")})
@@ -235,7 +236,7 @@ def bench_tower(cases: list[tuple[str, int | None, int, str, int]], dtypes: list
                "dense_gflops_per_s": fd["total"] / res["median_s"]["dense"] / 1e9,
                # achieved FLOP/s over the dense tower's = FLOP-ideal time ratio / measured time ratio
                "efficiency_by_implementation": {
-                   i: ideal / res["ratio_to_dense"]["moe" if i == "grouped_mm" else f"moe_{i}"] for i in impls},
+                   i: ideal / res["ratio_to_dense"]["moe" if i == DEFAULT else f"moe_{i}"] for i in impls},
                "target": ">= 0.95", "pass": ideal / measured >= 0.95}
         if dtype == "bf16":
             row["bf16_over_fp32_time"] = {
@@ -260,7 +261,7 @@ def profile_moe(size: str, batch: int, dtype: str, top: int = 12) -> list[dict]:
     spec = VIT_SIZES[size]
     cfg = CLIPMoEVisionConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
                               num_hidden_layers=1, num_attention_heads=spec["heads"], num_experts=4, top_k=2,
-                              experts_implementation="grouped_mm")
+                              experts_implementation=DEFAULT)
     block = CLIPMoESparseBlock(cfg).eval()
     x = torch.randn(batch, spec["seq"], spec["hidden"])
     with torch.no_grad(), cpu_autocast(dtype):

@@ -144,7 +144,7 @@ def count_flops(fn: Callable[[], object]) -> int:
     """Matmul FLOPs of ``fn()`` by ``FlopCounterMode``. PyTorch registers no formula for the CPU flash-attention
     kernel that SDPA dispatches to on the CPU (its S x S products would count 0), so its forward and backward
     get the formulas PyTorch uses for the CUDA attention kernels; nor for the grouped GEMM of transformers'
-    ``grouped_mm`` experts implementation (the CLIP-MoE default), which gets `_grouped_mm_flops`."""
+    ``grouped_mm`` experts implementation (the CLIP-MoE default with CUDA), which gets `_grouped_mm_flops`."""
     aten = torch.ops.aten
     mapping = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
