@@ -89,5 +89,9 @@ def test_plateau_criterion_reads_the_last_quarter_of_the_curve():
     probed = [{**c, "i2t_R@1/se": 0.03, "t2i_R@1/se": 0.04} for c in rising]
     assert _plateau(probed, 8)["last_quarter_gain_se_points"] == pytest.approx(100 * (2 * 0.025 ** 2) ** 0.5, abs=0.01)
     assert "+2.50 ± 3.54 (one s.e. of the probes)" in convergence_text({"curve": probed, "plateau": _plateau(probed, 8)})
+    # a flat curve measured by probes too small to resolve the criterion says so
+    flat_probed = [{**c, "i2t_R@1/se": 0.03, "t2i_R@1/se": 0.04} for c in flat]
+    assert convergence_text({"curve": flat_probed, "plateau": _plateau(flat_probed, 8)}).startswith(
+        "tiny dense base convergence (plateau reached, but the probes cannot resolve 1 point)")
     text = convergence_text({"curve": flat, "plateau": _plateau(flat, 8)})
     assert text.startswith("tiny dense base convergence (plateau reached)") and "e8:50.0" in text

@@ -100,8 +100,8 @@ class Inputs:
 class ShapesDefault:
     compare: bool | None = setting(None, "also run the dense and clip-up baselines and print one comparison "
                                          "table (default: on when --data is not given)")
-    base_epochs: int = setting(80, "epochs of the tiny Shapes base trained from scratch (80: its plateau on the "
-                                    "preset's 2,000 pairs)")
+    base_epochs: int = setting(80, "epochs of the tiny Shapes base trained from scratch (80: what the 10-minute "
+                                    "build budget allows; 120 measured better, docs/results.md)")
     base_lr: float = setting(2e-3, "learning rate of the tiny Shapes base")
     shapes_scale: float = setting(1.0, "size of the generated Shapes world relative to the default "
                                        "(4,000 training pairs)")

@@ -88,6 +88,8 @@ def convergence_text(record: dict) -> str:
     state = {True: "plateau reached", False: "NOT at its plateau", None: "too few probes to judge"}[verdict["reached"]]
     gain, se = verdict.get("last_quarter_gain_points"), verdict.get("last_quarter_gain_se_points")
     noise = f" ± {se:.2f} (one s.e. of the probes)" if se is not None else ""
+    if se is not None and se > PLATEAU_POINTS:  # a 120-epoch base beat this "flat" 80-epoch one by 4 MMVP points
+        state += f", but the probes cannot resolve {PLATEAU_POINTS:g} point"
     return (f"tiny dense base convergence ({state}): mean held-out R@1 by epoch {curve}; "
             + (f"last-quarter gain {gain:+.2f}{noise} points; " if gain is not None else "") + f"criterion: "
             f"{verdict['criterion']}")
