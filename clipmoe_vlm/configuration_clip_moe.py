@@ -22,8 +22,9 @@ Mixtral and Switch/V-MoE code bases use:
   always returned them.
 
 The experts kernel is transformers' ``experts_implementation`` (``"eager"``, ``"grouped_mm"``, ``"batched_mm"``;
-when unset, eager on a machine without CUDA and grouped_mm with CUDA): a constructor keyword of every config here (``CLIPMoEConfig(experts_implementation=...)`` sets
-both towers; a dict such as ``{"vision_config": "eager"}`` sets one) or of ``from_pretrained``. Like
+when unset, eager on a machine without CUDA and grouped_mm with CUDA): a constructor keyword of every config here
+(``CLIPMoEConfig(experts_implementation=...)`` sets both towers; a dict such as ``{"vision_config": "eager"}`` sets
+one) or of ``from_pretrained``. Like
 ``attn_implementation`` it is not written to ``config.json``.
 """
 

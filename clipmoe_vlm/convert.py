@@ -355,7 +355,8 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
         moe_options: further MoE config fields (``norm_topk_prob``, ``router_jitter_noise``, ``expert_dropout``,
             ``capacity_factor``, ``batch_priority_routing``, ``router_aux_loss_coef``, ``router_z_loss_coef``).
         experts_implementation: the experts kernel (``"grouped_mm"``, ``"eager"``, ``"batched_mm"``; None: the
-            default, eager without CUDA and grouped_mm with it); it does not change the function, and it is not saved with the model.
+            default, eager without CUDA and grouped_mm with it); it does not change the function, and it is not
+            saved with the model.
         expert_sources: one state dict per expert (transformers CLIP keys, as ``dense.state_dict()``), each with
             every FFN key of the MoE layers; the rest of the model comes from ``dense``. Each expert tensor is
             written once, straight from its source.
@@ -376,8 +377,8 @@ def sparse_upcycle(dense, num_experts: int = 4, top_k: int = 2, moe_layers=None,
     first = next(dense.parameters())
     # no random init and no second copy: every tensor is written once, from the dense model's (peak: dense + MoE)
     moe = _empty_model(moe_cls, config, first.dtype, first.device)
-    load_state_dict_checked(moe, upcycle_state_dict(dense.state_dict(), moe, expert_sources=expert_sources),
-                            source=f"upcycled {type(dense).__name__}" + (" with expert sources" if expert_sources else ""))
+    source = f"upcycled {type(dense).__name__}" + (" with expert sources" if expert_sources else "")
+    load_state_dict_checked(moe, upcycle_state_dict(dense.state_dict(), moe, expert_sources=expert_sources), source)
     if experts_implementation is not None:
         moe.set_experts_implementation(experts_implementation)
     return moe.train(dense.training)

@@ -226,7 +226,7 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
         """transformers asks this before using ``grouped_mm``: an error here makes the default fall back to eager and
         an explicit ``experts_implementation="grouped_mm"`` fail with this message, before any forward."""
         super()._grouped_mm_can_dispatch()
-        towers = [("config", self.config)] + [(f"{name}", getattr(self.config, name, None))
+        towers = [("config", self.config)] + [(name, getattr(self.config, name, None))
                                              for name in ("vision_config", "text_config")]
         for name, config in towers:
             if not isinstance(config, MoETowerFields):
