@@ -8,7 +8,7 @@ are held out for the sweep's choice.
 
     python docs/experiments/fresh_pairs.py --seeds 0 1 2 --output runs/fresh-pairs
 
-It needs the cached worlds and bases of the default run (``python scripts/reproduce_shapes.py`` builds them).
+It uses the default run's worlds and bases (cached; built first if missing).
 Each seed gets a view of its world (``{output}/worlds/shapes-seed{S}``: the evaluation sets linked, the fresh
 pairs as a JSONL with absolute image paths), so the evaluation reads the world's own sets.
 """
@@ -46,8 +46,11 @@ def world_view(world: Path, view: Path, first: int, count: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from clipmoe_vlm.defaults import base_dir, world_dir
+    from accelerate import Accelerator
+
     from upcycle.cli import main as upcycle_main
+    from upcycle.cli import parse_config
+    from upcycle.default_run import resolve_defaults
     from upcycle.reproduce import differences, machine, summarize
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,12 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr-sweep", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     args = p.parse_args(argv)
     out = Path(args.output)
+    accelerator = Accelerator(cpu=True)
     per_seed, chosen, started = {}, {}, time.time()
     for seed in args.seeds:
-        base = Path(f"{base_dir(seed)}-n2000-val0.1-e80-lr0.002")
-        if not (base / "model.safetensors").is_file():
-            raise SystemExit(f"{base}: no cached base; run python scripts/upcycle_encoder.py --seed {seed} first")
-        data = world_view(world_dir(seed), out / "worlds" / f"shapes-seed{seed}", 2000, 2000)
+        default = resolve_defaults(parse_config(["--seed", str(seed)]), accelerator)  # the default run's world
+        base = Path(default.base)                                                        # and base (cached)
+        data = world_view(Path(default.data[0]).parents[1], out / "worlds" / f"shapes-seed{seed}", 2000, 2000)
         run = out / f"seed{seed}" / "clip-moe"
         upcycle_main(["--config", "upcycle/presets/shapes.yaml", "--data", str(data), "--base", str(base),
                       "--compare", "--seed", str(seed), "--output", str(run),
