@@ -271,3 +271,41 @@ def test_metrics_rewind_drops_what_was_logged_after_the_checkpoint(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:2]
     MetricsLog(tmp_path / "other.jsonl", enabled=False)({"stage": "b"})
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_tensorboard_scalars_are_the_metrics_lines_after_a_kill_and_resume(pairs, tmp_path):
+    """--tensorboard writes each stage's metrics as scalars; after a kill past the last checkpoint and a resume,
+    TensorBoard shows every step once, with the values metrics.jsonl keeps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    ckpt = out / "work" / "dense" / "checkpoint"
+    with pytest.raises(StopRequested):
+        main(args(pairs, out, "--tensorboard", "--stop-after-steps", "2"))
+    shutil.copytree(ckpt, tmp_path / "step-2")
+    with pytest.raises(StopRequested):  # steps 3 and 4 logged, then killed with the checkpoint of step 2 the last
+        main(args(pairs, out, "--tensorboard", "--resume", "--stop-after-steps", "2"))
+    shutil.rmtree(ckpt)
+    shutil.copytree(tmp_path / "step-2", ckpt)
+    main(args(pairs, out, "--tensorboard", "--resume"))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+    events = EventAccumulator(str(out / "tensorboard" / "dense"))
+    events.Reload()
+    for tag in ("loss", "lr"):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in lines], tag
+    assert "`tensorboard/`" in (out / "README.md").read_text()
+
+
+def test_tensorboard_without_its_package_is_refused_naming_the_flag(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else
+                        find_spec(name, *a))
+    with pytest.raises(SystemExit) as info:
+        main(["--data", "x.jsonl", "--tensorboard"])
+    assert str(info.value) == (
+        "error: config: tensorboard (--tensorboard) needs the tensorboard package, which is not installed: pip "
+        "install tensorboard (or the project's extra: pip install 'clipmoe-vlm[tensorboard]')")

@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> Path:
     import torch
 
     # cpu=True on a machine without CUDA makes accelerate join a torchrun-style launch as MULTI_CPU (gloo).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.run.bf16 else "no",
-                              log_with="tensorboard" if cfg.run.tensorboard else None, project_dir=cfg.output)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.run.bf16 else "no")
     from .engine import whole_models_under_zero3
 
     whole_models_under_zero3(accelerator)

@@ -7,6 +7,7 @@ both towers, expert dropout 0.1, load balancing 0.01 (image) and 0.005 (text).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -120,7 +121,8 @@ class RunSettings:
     overwrite: bool = setting(False, "start over in an --output that holds a run with other settings: its run files "
                                      "(run_config.yaml, metrics.jsonl, work/, the model, ...) are deleted first")
     save_every: int = setting(50, "checkpoint every N steps within a stage")
-    tensorboard: bool = setting(False, "also log to TensorBoard through accelerate")
+    tensorboard: bool = setting(False, "also write the metrics as TensorBoard scalars into --output/tensorboard, "
+                                       "one run per stage (needs the tensorboard package)")
     stop_after_steps: int | None = setting(None, "stop as if killed after N optimizer steps in total "
                                                  "(to test --resume)")
     deterministic: bool = setting(False, "deterministic algorithms only (torch.use_deterministic_algorithms): "
@@ -183,6 +185,9 @@ class UpcycleConfig:
             bad("val_fraction", f"must be in [0, 1), got {self.inputs.val_fraction}")
         if optim.temperature is not None and optim.temperature <= 0:
             bad("temperature", f"must be > 0, got {optim.temperature}")
+        if self.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            bad("tensorboard", "(--tensorboard) needs the tensorboard package, which is not installed: pip install "
+                               "tensorboard (or the project's extra: pip install 'clipmoe-vlm[tensorboard]')")
 
     def mcl_stages(self) -> int:
         return self.moe.num_experts - 1 if self.mcl.stages is None else self.mcl.stages

@@ -132,23 +132,34 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 class MetricsLog:
     """``metrics.jsonl``: one line per optimizer step (plus epoch-end probes). ``rewind`` drops what a stage
-    wrote after the step it continues from, so a resumed or restarted stage never lists a step twice."""
+    wrote after the step it continues from, so a resumed or restarted stage never lists a step twice.
 
-    def __init__(self, path: Path, enabled: bool = True):
+    With ``tensorboard`` (a folder), each stage's numeric values are also TensorBoard scalars in
+    ``tensorboard/STAGE``, at the stage's step (epoch-end probes under ``epoch_end/``, at the epoch's last step).
+    They are a view of the file: when a stage (re)starts its TensorBoard run is purged and written again from
+    the lines kept, so it never shows a step twice either."""
+
+    def __init__(self, path: Path, enabled: bool = True, tensorboard: Path | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard = Path(tensorboard) if tensorboard is not None and enabled else None
+        self._writer = None
+        self._stage: str | None = None
+        self._steps_per_epoch = 1
 
     def __call__(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:  # one short write per line
                 f.write(json.dumps(record) + "\n")
+            if self._writer is not None and record.get("stage") == self._stage:
+                self._scalars(record)
 
     def rewind(self, stage: str, step: int, steps_per_epoch: int) -> None:
         """Keeps the lines of ``stage`` up to ``step`` (epoch-end records of epochs that ended before it)."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
             return
-        lines = self.path.read_text().splitlines()
-        keep = []
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        keep, kept_records = [], []
         for line in lines:
             try:
                 record = json.loads(line)
@@ -160,9 +171,40 @@ class MetricsLog:
                 # an epoch-end probe runs after the checkpoint of that epoch's last step: redone on resume
                 if "epoch_end" in record and record["epoch_end"] * steps_per_epoch >= step:
                     continue
+                kept_records.append(record)
             keep.append(line)
         if keep != lines:
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        if self.tensorboard is not None:
+            self._open_stage(stage, steps_per_epoch, kept_records)
+
+    def _open_stage(self, stage: str, steps_per_epoch: int, kept: list[dict]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close()
+        # purge_step=1 drops every event of this stage's run (steps start at 1); the kept lines are written again
+        self._writer = SummaryWriter(str(self.tensorboard / stage), purge_step=1, flush_secs=10)
+        self._stage, self._steps_per_epoch = stage, steps_per_epoch
+        for record in kept:
+            self._scalars(record)
+
+    def _scalars(self, record: dict) -> None:
+        if "epoch_end" in record:
+            step, prefix = record["epoch_end"] * self._steps_per_epoch, "epoch_end/"
+        elif "step" in record:
+            step, prefix = record["step"], ""
+        else:
+            return
+        for key, value in record.items():
+            if key not in ("stage", "step", "epoch", "epoch_end") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                self._writer.add_scalar(prefix + key, value, step)
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard run of the current stage (if any)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def skip_together(accelerator, empty: bool) -> bool:

@@ -49,7 +49,7 @@ NEUTRAL_SETTINGS = ("output", "resume", "overwrite", "num_workers", "save_every"
                     "compare", "lr_sweep", "stop_after_steps", "experts_implementation", "deterministic")
 # What a run writes into its folder (deleted by --overwrite); the first five mark a folder as holding a run
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "work", "config.json",
-             "README.md", "comparison.md", "comparison.json", ".model.tmp")
+             "README.md", "comparison.md", "comparison.json", "tensorboard", ".model.tmp")
 
 _MLP = re.compile(r"\.mlp\.fc[12]\.(weight|bias)$")
 
@@ -212,7 +212,6 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     dataset = decode_once(dataset, cfg.inputs.decode_once, acc)
     split = validation_split(len(dataset), cfg.inputs.val_fraction, cfg.run.seed)
     train_idx = np.flatnonzero(split >= 0)
-    val_idx = np.flatnonzero(split < 0)
     _require_a_readable_image(dataset, train_idx)
     mode = check_output_folder(cfg)
     acc.wait_for_everyone()  # every process has read the folder before the main one writes to it
@@ -237,7 +236,20 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     acc.print(dataset.describe())
     acc.print(f"{acc.num_processes} processes ({acc.distributed_type}), global batch "
               f"{cfg.optim.batch_size * acc.num_processes}")
-    log = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process)
+    log = MetricsLog(out / "metrics.jsonl", enabled=acc.is_main_process,
+                     tensorboard=out / "tensorboard" if cfg.run.tensorboard else None)
+    try:
+        return _run_recipe(cfg, acc, dataset, base, split, log, argv, evaluate)
+    finally:
+        log.close()
+
+
+def _run_recipe(cfg: UpcycleConfig, acc, dataset, base, split: np.ndarray, log: MetricsLog, argv, evaluate) -> Path:
+    """The recipe's stages, the held-out evaluation and the output files (the folder is checked and set up)."""
+    out = Path(cfg.output)
+    work = out / "work"
+    train_idx = np.flatnonzero(split >= 0)
+    val_idx = np.flatnonzero(split < 0)
 
     engine = make_engine(cfg, acc, dataset, work, log)
     summaries = []
@@ -297,7 +309,8 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
     skipped = len(skipped_keys)
     if acc.is_main_process:
         model.config.upcycling_info = {"recipe": cfg.recipe, "base": cfg.base, "data": list(cfg.data),
-                                       "seed": cfg.run.seed, "text_positions": text_positions} \
+                                       "seed": cfg.run.seed,
+                                       "text_positions": base.config.text_config.max_position_embeddings} \
             if isinstance(model, CLIPMoEModel) else None
         _save_model(model, out)
         report = {"recipe": cfg.recipe, "stages": summaries, "validation": metrics, "skipped_images": skipped,
@@ -443,8 +456,8 @@ def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) ->
     command = "python scripts/upcycle_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines += ["## How it was made", "", f"```\n{command.strip()}\n```", "", "Data:", "", "```",
               data_description, "```", "", f"Pairs: {report['pairs']} ({report['validation_pairs']} held out for "
-              f"validation). Unreadable images skipped: {report['skipped_images']}.", "", "| stage | steps | final loss |"
-              " batches |", "| --- | --- | --- | --- |"]
+              f"validation). Unreadable images skipped: {report['skipped_images']}.", "",
+              "| stage | steps | final loss | batches |", "| --- | --- | --- | --- |"]
     for s in report["stages"]:
         final = s.get("final", {}).get("loss", float("nan"))
         lines.append(f"| {s['stage']} | {s['steps']} | {final:.4f} | {s['batches']} |")
@@ -467,5 +480,6 @@ def model_card(cfg: UpcycleConfig, report: dict, data_description: str, argv) ->
               f"model = AutoModel.from_pretrained({str(Path(cfg.output))!r})", "```", "",
               "Files: `metrics.jsonl` (one line per step), `summary.json`, `run_config.yaml` (the resolved settings), "
               "`work/` (finished stages and checkpoints, reused by `--resume` and by a rerun with the same settings; "
-              "safe to delete once the run is done).", ""]
+              "safe to delete once the run is done)" + (", `tensorboard/` (the metrics as TensorBoard scalars, one run "
+                                                      "per stage)" if cfg.run.tensorboard else "") + ".", ""]
     return "\n".join(lines)
