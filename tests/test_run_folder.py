@@ -95,6 +95,34 @@ def test_a_refused_run_leaves_the_finished_run_byte_identical(finished, pairs, e
     assert hashes(finished) == before
 
 
+def test_data_edited_in_place_is_not_taken_for_the_finished_runs(finished, pairs, tmp_path):
+    """The same --data path with other captions, or other pairs, is refused like a changed setting, with and
+    without --resume; the finished run's files stay byte-identical."""
+    data = tmp_path / "data"
+    shutil.copytree(pairs.parent, data)
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    config = yaml.safe_load((run / "run_config.yaml").read_text())
+    config["data"] = [str(data / "pairs.jsonl")]  # the copied run was made from the copied data
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    main(args(data / "pairs.jsonl", run))  # same data, same settings: reused
+    before = hashes(run)
+    lines = (data / "pairs.jsonl").read_text().splitlines()
+    edited = [line.replace('shade 0"', 'shade zero"') for line in lines]
+    (data / "pairs.jsonl").write_text("\n".join(edited) + "\n")
+    inputs = run / "work" / "inputs.json"
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as info:
+            main(args(data / "pairs.jsonl", run, *extra))
+        assert f": the data ({inputs}): the captions of the 48 pairs changed (sha256 " in str(info.value)
+        assert hashes(run) == before
+    (data / "pairs.jsonl").write_text("\n".join(lines[:40]) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(args(data / "pairs.jsonl", run))
+    assert f"other settings ({run}/run_config.yaml): the data ({inputs}): 48 pairs -> 40 pairs. " in str(info.value)
+    assert hashes(run) == before
+
+
 def test_the_same_settings_reuse_the_finished_stages(copy_of, pairs, capsys):
     metrics = (copy_of / "metrics.jsonl").read_bytes()
     weights = load_file(copy_of / "model.safetensors")
@@ -119,7 +147,7 @@ def test_overwrite_starts_over(copy_of, pairs):
     old = load_file(copy_of / "work" / "dense" / "model.safetensors")
     main(args(pairs, copy_of, "--dense-lr", "2e-3", "--overwrite"))
     assert yaml.safe_load((copy_of / "run_config.yaml").read_text())["optim"]["dense_lr"] == 2e-3
-    assert sorted(p.name for p in (copy_of / "work").iterdir()) == ["dense"]
+    assert sorted(p.name for p in (copy_of / "work").iterdir()) == ["dense", "inputs.json"]
     assert not (copy_of / "comparison.md").exists()
     lines = [json.loads(line) for line in (copy_of / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]

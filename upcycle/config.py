@@ -111,13 +111,25 @@ class ShapesDefault:
                                         "the best held-out validation retrieval (default: the preset rates only)")
 
 
+# Settings that change how a run goes, not what it computes: they may differ from the saved run_config.yaml
+# when a run folder is resumed or reused. Data order depends only on (seed, epoch), the decoded pairs give
+# exactly the streaming loader's batches, and checkpoints are exact; --compare and --lr-sweep only add sibling
+# runs and world metrics to the diagnostics; the experts kernels compute the same function.
+NEUTRAL_SETTINGS = ("output", "resume", "overwrite", "num_workers", "save_every", "tensorboard", "decode_once",
+                    "compare", "lr_sweep", "stop_after_steps", "experts_implementation", "deterministic")
+
+
+def _flag_list(keys) -> str:
+    flags = [f"--{key.replace('_', '-')}" for key in keys]
+    return ", ".join(flags[:-1]) + " and " + flags[-1]
+
+
 @dataclass
 class RunSettings:
     bf16: bool = setting(False, "bf16 autocast (CPU with AVX-512 BF16, or GPU)")
     seed: int = setting(0, "seed for data order, clustering, router init")
     resume: bool = setting(False, "continue the run in --output from its last checkpoint, with its saved settings "
-                                  "(only --num-workers, --save-every, --tensorboard, --decode-once, --compare and "
-                                  "--stop-after-steps may change)")
+                                  f"(only {_flag_list(NEUTRAL_SETTINGS[3:])} may change)")
     overwrite: bool = setting(False, "start over in an --output that holds a run with other settings: its run files "
                                      "(run_config.yaml, metrics.jsonl, work/, the model, ...) are deleted first")
     save_every: int = setting(50, "checkpoint every N steps within a stage")

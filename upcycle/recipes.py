@@ -17,6 +17,7 @@ LIMoE's local and global entropy losses can be added to any MoE stage (``local_e
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -33,23 +34,19 @@ from clipmoe_vlm.convert import sparse_upcycle, stretch_text_positions
 from clipmoe_vlm.defaults import cache_dir
 from clipmoe_vlm.loading import load_clip
 
-from .config import UpcycleConfig
+from .config import NEUTRAL_SETTINGS, UpcycleConfig
 from .diagnostics import expert_diversity, stage_table
 from .engine import Engine, MetricsLog, StageSpec, atomic_write_text, embed_pairs, paired_recall
 from .mcl import UNREADABLE, accumulate_labels, kmeans_labels
 
-__all__ = ["NEUTRAL_SETTINGS", "check_output_folder", "decode_once", "make_engine", "run_upcycling", "stage",
+__all__ = ["check_output_folder", "decode_once", "make_engine", "run_upcycling", "stage",
            "validation_split"]
 
-# Settings that change how a run goes, not what it computes: they may differ from the saved run_config.yaml
-# when a run folder is resumed or reused. Data order depends only on (seed, epoch), the decoded pairs give
-# exactly the streaming loader's batches, and checkpoints are exact; --compare and --lr-sweep only add sibling
-# runs and world metrics to the diagnostics; the experts kernels compute the same function.
-NEUTRAL_SETTINGS = ("output", "resume", "overwrite", "num_workers", "save_every", "tensorboard", "decode_once",
-                    "compare", "lr_sweep", "stop_after_steps", "experts_implementation", "deterministic")
 # What a run writes into its folder (deleted by --overwrite); the first five mark a folder as holding a run
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "work", "config.json",
              "README.md", "comparison.md", "comparison.json", "tensorboard", ".model.tmp")
+
+INPUTS_FILE = "inputs.json"  # under work/: the data's identity (`data_identity`)
 
 _MLP = re.compile(r"\.mlp\.fc[12]\.(weight|bias)$")
 
@@ -209,11 +206,12 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
                          "(--text-positions stretches them)")
     dataset = ImageTextDataset(cfg.data, clip_image_transform(base.config.vision_config.image_size),
                                open_clip_tokenizer(context), max_samples=cfg.inputs.max_samples)
+    inputs = data_identity(dataset)
     dataset = decode_once(dataset, cfg.inputs.decode_once, acc)
     split = validation_split(len(dataset), cfg.inputs.val_fraction, cfg.run.seed)
     train_idx = np.flatnonzero(split >= 0)
     _require_a_readable_image(dataset, train_idx)
-    mode = check_output_folder(cfg)
+    mode = check_output_folder(cfg, inputs)
     acc.wait_for_everyone()  # every process has read the folder before the main one writes to it
 
     if acc.is_main_process:
@@ -225,6 +223,7 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
         out.mkdir(parents=True, exist_ok=True)  # the settings first: a folder with run files always has them
         atomic_write_text(out / "run_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
         work.mkdir(exist_ok=True)
+        atomic_write_text(work / INPUTS_FILE, json.dumps(inputs, indent=1))
         if mode in ("new", "overwrite"):
             atomic_write_text(out / "metrics.jsonl", "")
     acc.wait_for_everyone()
@@ -367,10 +366,37 @@ def _flat(settings: dict) -> dict:
     return flat
 
 
-def check_output_folder(cfg: UpcycleConfig) -> str:
+def data_identity(dataset) -> dict:
+    """What identifies the data a run trained on beyond its ``--data`` paths: the number of pairs and a hash of
+    their captions, so that a file edited in place is not taken for the data of a finished run. (Images replaced
+    under the same names are not noticed: hashing them would mean reading every image before the run.)"""
+    digest = hashlib.sha256()
+    for caption in dataset.captions:
+        digest.update(caption.encode("utf-8", "surrogatepass") + b"\0")
+    return {"pairs": len(dataset), "captions_sha256": digest.hexdigest()}
+
+
+def _data_differences(out: Path, inputs: dict | None) -> list[str]:
+    path = out / "work" / INPUTS_FILE
+    if inputs is None or not path.is_file():  # runs from before the data were recorded: settings only
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [f"the data (cannot read {path})"]
+    if saved == inputs:
+        return []
+    if saved.get("pairs") != inputs["pairs"]:
+        return [f"the data ({path}): {saved.get('pairs')} pairs -> {inputs['pairs']} pairs"]
+    return [f"the data ({path}): the captions of the {inputs['pairs']} pairs changed (sha256 "
+            f"{str(saved.get('captions_sha256'))[:12]} -> {inputs['captions_sha256'][:12]})"]
+
+
+def check_output_folder(cfg: UpcycleConfig, inputs: dict | None = None) -> str:
     """What to do with ``cfg.output``: "new" (no run there), "reuse" (a run with the same settings: its finished
     stages are reused, and with --resume its unfinished stage continues) or "overwrite"; anything else raises
-    a ValueError naming each setting that differs. Reads only: a refused run leaves the folder as it was."""
+    a ValueError naming each setting that differs, and the data when ``inputs`` (`data_identity`) differs from
+    what the run trained on. Reads only: a refused run leaves the folder as it was."""
     out = Path(cfg.output)
     if cfg.run.overwrite:
         return "overwrite"
@@ -395,6 +421,8 @@ def check_output_folder(cfg: UpcycleConfig) -> str:
     diffs = [f"--{key.replace('_', '-')} {saved.get(key, '(not set)')!s} -> {now.get(key, '(not set)')!s}"
              for key in sorted(set(saved) | set(now))
              if key not in NEUTRAL_SETTINGS and saved.get(key, missing) != now.get(key, missing)]
+    if not any(diff.startswith(("--data ", "--max-samples ")) for diff in diffs):  # else it follows from them
+        diffs += _data_differences(out, inputs)
     if not diffs:
         return "reuse"
     if cfg.run.resume:
