@@ -189,6 +189,25 @@ def as_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _leaf_values(settings: Mapping[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        flat.update(_leaf_values(value) if isinstance(value, Mapping) else {key: value})
+    return flat
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """``"--name saved -> now"`` for each leaf setting that differs between two configurations saved as nested
+    plain data (`as_dict`; leaf names are unique across sections), leaving out the names in ``ignore``. A setting
+    one side lacks reads "(not set)". Compare like with like: both as written to, and read from, the same file
+    format."""
+    saved, now = _leaf_values(saved), _leaf_values(now)
+    missing = object()
+    return [f"--{key.replace('_', '-')} {saved.get(key, '(not set)')!s} -> {now.get(key, '(not set)')!s}"
+            for key in sorted(set(saved) | set(now))
+            if key not in ignore and saved.get(key, missing) != now.get(key, missing)]
+
+
 def section_of(cls, name: str) -> tuple[str, ...]:
     """The sections that hold the leaf ``name``."""
     return _leaves(cls)[name][0]

@@ -627,3 +627,74 @@ def test_training_reports_skipped_and_repaired_samples(pretrained, tiny_world, t
         ("  the counters keep no record ids for the other reasons; --strict stops at the first record with a "
          "malformed conversation or <image> placeholder, naming it"),
     ]
+
+
+def test_llava_run_folder_is_reused_only_with_its_settings(pretrained, tiny_world, tmp_path):
+    """A finished LLaVA folder: changed settings are refused (with and without --resume) and leave it
+    byte-identical; --resume with a neutral change continues; the same settings start it again (to the same
+    weights, its old checkpoints gone); --overwrite starts over, and a LoRA run over a full one leaves no file of
+    the full run."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from clipmoe_vlm.llava.train import load_config, run
+
+    out = tmp_path / "run"
+    argv = ["--stage", "finetune", "--model", str(pretrained.output_dir), "--data-path",
+            str(tiny_world / "llava" / "instruct.json"), "--max-steps", "4", "--save-steps", "2",
+            "--save-total-limit", "3", "--no-group-by-modality-length", *_common(tiny_world, out)]
+
+    def files() -> dict:
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    first = run(load_config(argv))
+    weights = load_file(out / "model.safetensors")
+    before = files()
+    settings = out / "llava_train_config.json"
+    with pytest.raises(ValueError) as info:
+        run(load_config(argv + ["--learning-rate", "1e-3", "--max-steps", "6"]))
+    assert str(info.value) == (
+        f"{out} already holds a run with other settings ({settings}): --learning-rate 2e-05 -> 0.001; --max-steps "
+        "4 -> 6. A run folder is not reused with changed settings: pass --overwrite to delete its run files and "
+        "start over, or choose another --output-dir")
+    with pytest.raises(ValueError) as info:
+        run(load_config(argv + ["--resume", "--per-device-train-batch-size", "2"]))
+    assert str(info.value).startswith(f"--resume continues the run in {out} with its saved settings ({settings}), "
+                                      "but these differ: --per-device-train-batch-size 4 -> 2. Drop the changes")
+    assert files() == before
+
+    resumed = run(load_config(argv + ["--resume", "--logging-steps", "2"]))  # a neutral change
+    assert resumed.metrics["global_step"] == 4 and first.metrics["global_step"] == 4
+
+    (out / "checkpoint-9").mkdir()  # as if a longer run had left it: a restart must not mix with it
+    again = run(load_config(argv))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert again.metrics["global_step"] == 4
+    for key, value in load_file(out / "model.safetensors").items():
+        torch.testing.assert_close(value, weights[key], msg=key)
+
+    with pytest.raises(ValueError, match="--overwrite cannot be combined with --resume"):
+        load_config(argv + ["--resume", "--overwrite"]).resolve()
+    run(load_config(argv + ["--lora", "--lora-r", "4", "--lora-alpha", "8", "--max-steps", "2", "--overwrite"]))
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "adapter_model.safetensors").is_file()
+    saved = json.loads(settings.read_text())
+    assert saved["tuning"]["lora"] is True and saved["optim"]["max_steps"] == 2
+
+
+def test_llava_folder_with_run_files_but_no_settings_is_refused(tmp_path):
+    from clipmoe_vlm.llava.train import load_config, run
+
+    out = tmp_path / "model-only"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ValueError) as info:
+        run(load_config(["--stage", "finetune", "--model", str(tmp_path / "x"), "--data-path", "d.json",
+                         "--image-folder", str(tmp_path), "--output-dir", str(out)]))
+    assert str(info.value) == (
+        f"{out} holds run files (config.json) but no llava_train_config.json, so the settings they were made with "
+        "are unknown: pass --overwrite to delete its run files and start over, or choose another --output-dir")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]

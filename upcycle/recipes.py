@@ -33,6 +33,7 @@ from clipmoe_vlm import CLIPMoEModel
 from clipmoe_vlm.convert import sparse_upcycle, stretch_text_positions
 from clipmoe_vlm.defaults import cache_dir
 from clipmoe_vlm.loading import load_clip
+from clipmoe_vlm.run_config import changed_settings
 
 from .config import NEUTRAL_SETTINGS, UpcycleConfig
 from .diagnostics import expert_diversity, stage_table
@@ -358,14 +359,6 @@ def _require_a_readable_image(dataset, train_idx: np.ndarray) -> None:
                      "--data: no training pairs (all are held out by --val-fraction)")
 
 
-def _flat(settings: dict) -> dict:
-    """Leaf name -> value of a nested run_config dict (leaf names are unique across sections)."""
-    flat = {}
-    for key, value in settings.items():
-        flat.update(_flat(value) if isinstance(value, dict) else {key: value})
-    return flat
-
-
 def data_identity(dataset) -> dict:
     """What identifies the data a run trained on beyond its ``--data`` paths: the number of pairs and a hash of
     their captions, so that a file edited in place is not taken for the data of a finished run. (Images replaced
@@ -415,12 +408,8 @@ def check_output_folder(cfg: UpcycleConfig, inputs: dict | None = None) -> str:
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ValueError(f"{saved_path}: cannot read the saved settings ({type(err).__name__}: {err}); "
                          f"{restart}") from None
-    saved = _flat(saved)
-    now = _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))  # as saved: compared like for like
-    missing = object()
-    diffs = [f"--{key.replace('_', '-')} {saved.get(key, '(not set)')!s} -> {now.get(key, '(not set)')!s}"
-             for key in sorted(set(saved) | set(now))
-             if key not in NEUTRAL_SETTINGS and saved.get(key, missing) != now.get(key, missing)]
+    now = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # as saved: compared like for like
+    diffs = changed_settings(saved, now, NEUTRAL_SETTINGS)
     if not any(diff.startswith(("--data ", "--max-samples ")) for diff in diffs):  # else it follows from them
         diffs += _data_differences(out, inputs)
     if not diffs:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -40,6 +39,7 @@ from ..data.llava_dataset import LlavaDataset
 from ..data.llava_records import load_llava_records
 from ..run_config import add_flags, from_flags, setting
 from .builder import build_llava, describe, load_llava, set_tower_experts_implementation
+from .run_folder import check_output_dir, clear_run_files, write_settings
 
 __all__ = ["DEFAULT_OUTPUTS", "LlavaTrainConfig", "TrainResult", "build_parser", "load_config", "main", "run"]
 
@@ -134,7 +134,11 @@ class RunSettings:
     dataloader_num_workers: int = setting(0, "DataLoader worker processes")
     deepspeed: str | None = setting(None, "DeepSpeed JSON config (configs/deepspeed/)")
     report_to: str = setting("none", "transformers report_to (none, tensorboard, wandb)")
-    resume: bool = setting(False, "continue from the last checkpoint-N in --output-dir")
+    resume: bool = setting(False, "continue from the last checkpoint-N in --output-dir, with the settings saved "
+                                  "there (only the run section's logging, saving, worker and thread settings and "
+                                  "--experts-implementation may change)")
+    overwrite: bool = setting(False, "start over in an --output-dir that holds a run with other settings: its run "
+                                     "files (checkpoints, model, card, settings) are deleted first")
 
 
 @dataclass
@@ -156,6 +160,9 @@ class LlavaTrainConfig:
     def resolve(self) -> LlavaTrainConfig:
         """A copy with the stage defaults filled in and the default paths chosen; checks the combination."""
         cfg = copy.deepcopy(self)  # the sections are objects: resolving must not change the caller's config
+        if cfg.run.resume and cfg.run.overwrite:
+            raise ValueError("--overwrite cannot be combined with --resume: --resume continues the run in "
+                             "--output-dir, --overwrite deletes it and starts over")
         if cfg.tuning.bits != 16 and not cfg.tuning.lora:
             raise ValueError("--bits 4/8 (QLoRA) needs --lora: quantized weights cannot be trained directly")
         if cfg.tuning.lora and cfg.stage != "finetune":
@@ -420,6 +427,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    _take_output_dir(cfg)
     model, processor = _build_model(cfg)
     _set_router_losses(model, cfg)
     if cfg.modeling.experts_implementation is not None:
@@ -475,7 +483,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         group_by_modality_length=bool(cfg.data.group_by_modality_length),
     )
     resume_from = None
-    if cfg.run.resume and output_dir.is_dir():
+    if cfg.run.resume and output_dir.is_dir():  # `_take_output_dir` checked that its settings are these
         resume_from = get_last_checkpoint(str(output_dir))
         _log(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {output_dir}; "
              "starting fresh")
@@ -496,12 +504,34 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         trainer.save_model(str(output_dir))
         kind = "full"
     processor.save_pretrained(output_dir)
-    (output_dir / "llava_train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    write_settings(cfg)
     (output_dir / "README.md").write_text(_model_card(cfg, base_model, metrics, counts, kind))
     _log(f"saved {output_dir}")
     for line in _data_report(dataset):  # last, where a user looks when the run ends
         _log(line)
     return TrainResult(output_dir=output_dir, metrics=metrics, trainable=trainable, trainer=trainer)
+
+
+def _take_output_dir(cfg: LlavaTrainConfig) -> None:
+    """Checks ``--output-dir`` against the run (`run_folder.check_output_dir`; every process reads it before the
+    main one changes it), then clears what the run replaces and writes its settings first."""
+    from accelerate import PartialState
+
+    state = PartialState()  # made by TrainingArguments: one process, or the launched ones
+    mode = check_output_dir(cfg)
+    state.wait_for_everyone()
+    output_dir = Path(cfg.output_dir)
+    if state.is_main_process:
+        if mode == "overwrite":
+            clear_run_files(output_dir)
+        elif mode == "restart":  # its checkpoints would mix with this run's
+            clear_run_files(output_dir, checkpoints_only=True)
+        write_settings(cfg)
+    state.wait_for_everyone()
+    _log({"new": f"new run in {output_dir}", "resume": f"continuing the run in {output_dir}",
+          "restart": f"{output_dir} holds a run with the same settings: starting it again from the beginning "
+                     "(--resume continues it from its last checkpoint)",
+          "overwrite": f"--overwrite: the run files of {output_dir} deleted, starting over"}[mode])
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,0 +1,104 @@
+"""The LLaVA output folder as the record of one run: what ``train-llava`` may do with a folder that holds one.
+
+transformers' Trainer writes ``checkpoint-N`` folders into any output folder and resumes from the highest N it
+finds there. Into a folder that holds another run this goes wrong without a word: ``--resume`` loads the old
+run's optimizer state into a schedule made from the new settings, and a new run's checkpoints sit beside the old
+run's, whose higher step numbers make the checkpoint rotation delete the new ones and a later ``--resume``
+continue the old run. So the settings are written first (``llava_train_config.json``) and a folder is only:
+
+- continued (``--resume``) with the settings it was saved with;
+- started again from its beginning with the same settings (its checkpoints are deleted first);
+- started over with other settings when ``--overwrite`` asks for it (its run files are deleted first).
+
+Anything else is refused before any work, naming each setting that differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..run_config import changed_settings
+
+__all__ = ["NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_output_dir", "clear_run_files", "write_settings"]
+
+SETTINGS_FILE = "llava_train_config.json"
+# Settings that change how a run goes, not what it trains: they may differ when a run is resumed. The experts
+# kernels compute the same function; checkpoints hold the optimizer and scheduler, whatever the save cadence.
+NEUTRAL_SETTINGS = ("output_dir", "resume", "overwrite", "torch_threads", "logging_steps", "save_steps",
+                    "save_total_limit", "dataloader_num_workers", "report_to", "experts_implementation")
+# What a run writes into its folder (deleted by --overwrite): the trainer's checkpoints and logs, the model or
+# adapter, the processor, the LoRA base built from parts, the card and the settings
+_RUN_FILES = (SETTINGS_FILE, "README.md", "config.json", "generation_config.json", "training_args.bin",
+              "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors",
+              "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "base", "runs")
+_RUN_GLOBS = ("checkpoint-*", "model*.safetensors*", "*.tmp")
+
+
+def _settings(cfg) -> dict:
+    """The resolved configuration as it reads back from its JSON file (compared like with like)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _present_run_files(out: Path) -> list[str]:
+    if not out.is_dir():
+        return []
+    names = {path.name for pattern in _RUN_GLOBS for path in out.glob(pattern)}
+    names |= {name for name in _RUN_FILES if (out / name).exists()}
+    return sorted(names)
+
+
+def check_output_dir(cfg) -> str:
+    """What the run ``cfg`` (resolved) does with its ``output_dir``: ``"new"``, ``"resume"`` (continue from the
+    last checkpoint), ``"restart"`` (same settings, without --resume: from the beginning) or ``"overwrite"``.
+    Raises a ValueError naming each setting that differs from the saved run. Reads only."""
+    out = Path(cfg.output_dir)
+    if cfg.run.overwrite:
+        return "overwrite"
+    present = _present_run_files(out)
+    if not present:
+        return "new"
+    restart = "pass --overwrite to delete its run files and start over, or choose another --output-dir"
+    saved_path = out / SETTINGS_FILE
+    if not saved_path.is_file():
+        if cfg.run.resume and any(name.startswith("checkpoint-") for name in present):
+            return "resume"  # a folder of the trainer alone (or of an earlier version): its settings are unknown
+        raise ValueError(f"{out} holds run files ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}) "
+                         f"but no {SETTINGS_FILE}, so the settings they were made with are unknown: {restart}")
+    try:
+        saved = json.loads(saved_path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping of settings")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{saved_path}: cannot read the saved settings ({type(err).__name__}: {err}); "
+                         f"{restart}") from None
+    diffs = changed_settings(saved, _settings(cfg), NEUTRAL_SETTINGS)
+    if diffs and cfg.run.resume:
+        raise ValueError(f"--resume continues the run in {out} with its saved settings ({saved_path}), but these "
+                         f"differ: {'; '.join(diffs)}. Drop the changes to resume, or start over with --overwrite "
+                         "(without --resume) or another --output-dir")
+    if diffs:
+        raise ValueError(f"{out} already holds a run with other settings ({saved_path}): {'; '.join(diffs)}. A run "
+                         f"folder is not reused with changed settings: {restart}")
+    return "resume" if cfg.run.resume else "restart"
+
+
+def clear_run_files(out: Path, checkpoints_only: bool = False) -> None:
+    """Deletes the run files of ``out`` (only its ``checkpoint-N`` folders with ``checkpoints_only``)."""
+    names = [path.name for path in out.glob("checkpoint-*")] if checkpoints_only else _present_run_files(out)
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def write_settings(cfg) -> None:
+    """Writes ``llava_train_config.json`` (through a temporary file: a kill leaves the old file or the new)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (SETTINGS_FILE + ".tmp")
+    tmp.write_text(json.dumps(_settings(cfg), indent=2) + "\n")
+    os.replace(tmp, out / SETTINGS_FILE)
