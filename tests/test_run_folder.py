@@ -337,3 +337,9 @@ def test_tensorboard_without_its_package_is_refused_naming_the_flag(monkeypatch)
     assert str(info.value) == (
         "error: config: tensorboard (--tensorboard) needs the tensorboard package, which is not installed: pip "
         "install tensorboard (or the project's extra: pip install 'clipmoe-vlm[tensorboard]')")
+
+
+def test_resume_into_a_folder_without_a_run_says_it_starts_one(pairs, tmp_path, capsys):
+    out = main(args(pairs, tmp_path / "run", "--resume"))
+    assert f"--resume: {out} holds no run to continue; starting a new one" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]

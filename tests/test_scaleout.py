@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -335,6 +336,7 @@ def test_deepspeed_leaf_blocks_break_router_only_training(tmp_path):
 # ============================================================================ LLaVA stage 2
 
 LLAVA_ENGINES = {  # launch flags, training flags, a file only that engine's checkpoints have
+    "ddp": (PLAIN_LAUNCH, [], "optimizer.pt"),  # two processes: 4 steps, not the 8 of one process at batch 4
     "fsdp2": (["--config_file", str(ACCELERATE_CONFIGS / "fsdp2.yaml")], [], "pytorch_model_fsdp.bin"),
     "zero2": (PLAIN_LAUNCH, ["--deepspeed", str(ROOT / "configs" / "deepspeed" / "zero2.json")], "zero_to_fp32.py"),
     "zero3": (PLAIN_LAUNCH, ["--deepspeed", str(ROOT / "configs" / "deepspeed" / "zero3.json")], "zero_to_fp32.py"),
@@ -385,7 +387,8 @@ def llava_setup(tmp_path_factory) -> Path:
 def llava_args(setup: Path, out: Path, batch: int, *extra: str) -> list[str]:
     return ["--stage", "finetune", "--model", str(setup / "llava"), "--data-path", str(setup / "data.json"),
             "--image-folder", str(setup), "--per-device-train-batch-size", str(batch), "--num-train-epochs", "2",
-            "--learning-rate", "1e-3", "--warmup-ratio", "0", "--logging-steps", "1", "--save-steps", "100",
+            "--learning-rate", "1e-3", "--warmup-ratio", "0", "--logging-steps", "1", "--save-steps", "2",
+            "--save-total-limit", "2",
             "--no-group-by-modality-length", "--model-max-length", "256", "--torch-threads", "1",
             "--output-dir", str(out), *extra]
 
@@ -404,7 +407,7 @@ def llava_by_one(llava_setup) -> dict[str, Path]:
 
 
 def llava_history(out: Path) -> list[tuple[int, float]]:
-    (state,) = out.glob("checkpoint-*/trainer_state.json")
+    state = out / "checkpoint-4" / "trainer_state.json"  # the last of the 4 steps
     return [(e["step"], e["loss"]) for e in json.loads(state.read_text())["log_history"] if "loss" in e]
 
 
@@ -412,9 +415,11 @@ def llava_history(out: Path) -> list[tuple[int, float]]:
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("engine", list(LLAVA_ENGINES))
 def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_by_one, tmp_path):
-    """LLaVA stage 2 under FSDP2 / ZeRO-2 / ZeRO-3 (full or LoRA), two processes of batch 4 == one of batch 8: the
-    same 4 steps, loss per step within 1e-5, saved weights within 1e-5 (full: the whole folder, with the key
-    layout of the starting folder; LoRA: adapter and non-LoRA trainables); the weights moved."""
+    """LLaVA stage 2 under DDP / FSDP2 / ZeRO-2 / ZeRO-3 (full or LoRA), two processes of batch 4 == one of batch 8:
+    the same 4 steps, loss per step within 1e-5, saved weights within 1e-5 (full: the whole folder, with the key
+    layout of the starting folder; LoRA: adapter and non-LoRA trainables); the weights moved. Then the run is
+    resumed from its step-2 checkpoint in a new folder (what a kill after step 2 leaves) under the same engine:
+    steps 3 and 4 again, to the same weights within 1e-5."""
     if engine.startswith("zero"):
         needs_deepspeed()
     launch, engine_args, engine_file = LLAVA_ENGINES[engine]
@@ -438,6 +443,21 @@ def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_b
             assert_same_tensors(load_file(out / name), load_file(one / name), 1e-5, name)
         adapter = load_file(out / "adapter_model.safetensors")
         assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-4  # B starts at 0
+
+    resumed = tmp_path / f"{engine}-{mode}-resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(out / "llava_train_config.json", resumed)
+    output = launch_two(launch, ["llava", *llava_args(llava_setup, resumed, 4, *(LORA if mode == "lora" else []),
+                                                       *engine_args), "--resume"], llava_setup / "cache")
+    assert f"resuming from {resumed / 'checkpoint-2'}" in output
+    history = llava_history(resumed)
+    assert [s for s, _ in history] == [1, 2, 3, 4]  # 1-2 from the checkpoint, 3-4 after resuming
+    for (step, loss), (_, expected) in zip(history, reference):
+        assert loss == pytest.approx(expected, abs=1e-5), step
+    for name in ("model.safetensors",) if mode == "full" else ("adapter_model.safetensors",
+                                                               "non_lora_trainables.safetensors"):
+        assert_same_tensors(load_file(resumed / name), load_file(one / name), 1e-5, f"resumed {name}")
 
 
 # ============================================================================ GPUs (not run on the CPU machine)

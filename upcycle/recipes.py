@@ -233,6 +233,8 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
             "resuming it (finished stages are kept, an unfinished one continues from its last checkpoint)"
             if cfg.run.resume else "its finished stages are reused, an unfinished one starts again (--resume "
                                    "continues it from its checkpoint)"))
+    elif mode == "new" and cfg.run.resume:
+        acc.print(f"--resume: {out} holds no run to continue; starting a new one")
     acc.print(dataset.describe())
     acc.print(f"{acc.num_processes} processes ({acc.distributed_type}), global batch "
               f"{cfg.optim.batch_size * acc.num_processes}")
