@@ -208,6 +208,38 @@ def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: S
             if key not in ignore and saved.get(key, missing) != now.get(key, missing)]
 
 
+def read_saved_settings(path: Path, remedy: str) -> dict[str, Any]:
+    """The settings a run saved at ``path`` (JSON, or YAML for other suffixes); an unreadable file is a ValueError
+    naming it, followed by ``remedy``."""
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text()
+        saved = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping of settings")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read the saved settings ({type(err).__name__}: {err}); {remedy}") from None
+    return saved
+
+
+def refuse_changed_settings(out: Path, saved_path: Path, diffs: Sequence[str], *, resume: bool,
+                            output_flag: str) -> None:
+    """The one error for a run whose settings differ (``diffs``, `changed_settings`) from those of the run in its
+    output folder ``out``, saved at ``saved_path``: nothing when they are the same."""
+    if not diffs:
+        return
+    if resume:
+        raise ValueError(f"--resume continues the run in {out} with its saved settings ({saved_path}), but these "
+                         f"differ: {'; '.join(diffs)}. Drop the changes to resume, or start over with --overwrite "
+                         f"(without --resume) or another {output_flag}")
+    raise ValueError(f"{out} already holds a run with other settings ({saved_path}): {'; '.join(diffs)}. A run folder "
+                     f"is not reused with changed settings: pass --overwrite to delete its run files and start over, "
+                     f"or choose another {output_flag}")
+
+
 def section_of(cls, name: str) -> tuple[str, ...]:
     """The sections that hold the leaf ``name``."""
     return _leaves(cls)[name][0]

@@ -33,7 +33,7 @@ from clipmoe_vlm import CLIPMoEModel
 from clipmoe_vlm.convert import sparse_upcycle, stretch_text_positions
 from clipmoe_vlm.defaults import cache_dir
 from clipmoe_vlm.loading import load_clip
-from clipmoe_vlm.run_config import changed_settings
+from clipmoe_vlm.run_config import changed_settings, read_saved_settings, refuse_changed_settings
 
 from .config import NEUTRAL_SETTINGS, UpcycleConfig
 from .diagnostics import expert_diversity, stage_table
@@ -403,25 +403,13 @@ def check_output_folder(cfg: UpcycleConfig, inputs: dict | None = None) -> str:
     if not saved_path.is_file():
         raise ValueError(f"{out} holds run files ({', '.join(present)}) but no run_config.yaml, so the settings they "
                          f"were made with are unknown and the folder cannot be continued or reused: {restart}")
-    try:
-        saved = yaml.safe_load(saved_path.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("not a mapping of settings")
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise ValueError(f"{saved_path}: cannot read the saved settings ({type(err).__name__}: {err}); "
-                         f"{restart}") from None
+    saved = read_saved_settings(saved_path, restart)
     now = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # as saved: compared like for like
     diffs = changed_settings(saved, now, NEUTRAL_SETTINGS)
     if not any(diff.startswith(("--data ", "--max-samples ")) for diff in diffs):  # else it follows from them
         diffs += _data_differences(out, inputs)
-    if not diffs:
-        return "reuse"
-    if cfg.run.resume:
-        raise ValueError(f"--resume continues the run in {out} with its saved settings ({saved_path}), but these "
-                         f"differ: {'; '.join(diffs)}. Drop the changes to resume, or start over with --overwrite "
-                         "(without --resume) or another --output")
-    raise ValueError(f"{out} already holds a run with other settings ({saved_path}): {'; '.join(diffs)}. A run folder "
-                     f"is not reused with changed settings: {restart}")
+    refuse_changed_settings(out, saved_path, diffs, resume=cfg.run.resume, output_flag="--output")
+    return "reuse"
 
 
 def _clear_run_files(out: Path) -> None:

@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..run_config import changed_settings
+from ..run_config import changed_settings, read_saved_settings, refuse_changed_settings
 
 __all__ = ["NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_output_dir", "clear_run_files", "write_settings"]
 
@@ -69,21 +69,9 @@ def check_output_dir(cfg) -> str:
             return "resume"  # a folder of the trainer alone (or of an earlier version): its settings are unknown
         raise ValueError(f"{out} holds run files ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}) "
                          f"but no {SETTINGS_FILE}, so the settings they were made with are unknown: {restart}")
-    try:
-        saved = json.loads(saved_path.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("not a mapping of settings")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{saved_path}: cannot read the saved settings ({type(err).__name__}: {err}); "
-                         f"{restart}") from None
-    diffs = changed_settings(saved, _settings(cfg), NEUTRAL_SETTINGS)
-    if diffs and cfg.run.resume:
-        raise ValueError(f"--resume continues the run in {out} with its saved settings ({saved_path}), but these "
-                         f"differ: {'; '.join(diffs)}. Drop the changes to resume, or start over with --overwrite "
-                         "(without --resume) or another --output-dir")
-    if diffs:
-        raise ValueError(f"{out} already holds a run with other settings ({saved_path}): {'; '.join(diffs)}. A run "
-                         f"folder is not reused with changed settings: {restart}")
+    saved = read_saved_settings(saved_path, restart)
+    refuse_changed_settings(out, saved_path, changed_settings(saved, _settings(cfg), NEUTRAL_SETTINGS),
+                            resume=cfg.run.resume, output_flag="--output-dir")
     return "resume" if cfg.run.resume else "restart"
 
 
