@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "TRACEBACK_ENV", "TRACEBACK_FLAG", "USER_ERRORS", "main", "run_command"]
+__all__ = ["COMMANDS", "TRACEBACK_ENV", "TRACEBACK_FLAG", "USER_ERRORS", "end_process_group", "main", "run_command"]
 
 # What the toolkit raises for input it cannot use (run_config.ConfigError is a ValueError; json's decode errors
 # are ValueErrors too). Left out on purpose: KeyError (what a buggy dict lookup raises, and its message is a bare
@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.argv = [f"clipmoe {command}", *rest]  # argparse names the command in its usage line
     try:
         result = resolve(command)(rest)
+        end_process_group()
     except USER_ERRORS as error:
         return _report(error, str(error), _traceback_wanted(flag))
     except SystemExit as stop:
@@ -112,6 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _report(stop, str(stop.code), _traceback_wanted(flag))
     return result if isinstance(result, int) else 0
+
+
+def end_process_group() -> None:
+    """Under ``accelerate launch`` / ``torchrun``: leaves the process group once the command is done (torch asks for
+    it; a group left to interpreter shutdown has aborted a gloo process after its work was saved)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_command(command: str, argv: Sequence[str] | None = None) -> int:

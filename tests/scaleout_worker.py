@@ -85,6 +85,9 @@ def main(argv: list[str]) -> None:
         from clipmoe_vlm.llava.train import main as llava_main
 
         llava_main(argv[1:])
+    from clipmoe_cli.main import end_process_group
+
+    end_process_group()
 
 
 if __name__ == "__main__":

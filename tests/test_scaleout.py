@@ -69,10 +69,16 @@ def run_checked(command: list[str], cache: Path) -> str:
     return output
 
 
-def launch_two(launch: list[str], worker_args: list[str], cache: Path) -> str:
-    """``accelerate launch`` of the worker with two processes on this CPU; returns their output."""
-    return run_checked([sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
-                        "--main_process_port", str(free_port()), str(WORKER), *worker_args], cache)
+def launch_two(launch: list[str], worker_args: list[str], cache: Path, check: bool = True) -> str:
+    """``accelerate launch`` of the worker with two processes on this CPU; returns their output (``check``: after
+    asserting that they succeeded)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
+               "--main_process_port", str(free_port()), str(WORKER), *worker_args]
+    if check:
+        return run_checked(command, cache)
+    proc = subprocess.run(command, env=environment(cache), capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False)
+    return proc.stdout + proc.stderr
 
 
 def assert_same_tensors(got: dict, expected: dict, atol: float, what: str) -> None:
@@ -134,10 +140,10 @@ def upcycle_one(data: Path, out: Path, *extra: str) -> Path:
     return out
 
 
-def upcycle_two(data: Path, out: Path, engine: str, *extra: str) -> str:
+def upcycle_two(data: Path, out: Path, engine: str, *extra: str, check: bool = True) -> str:
     launch, _, _ = UPCYCLE_ENGINES[engine]
     return launch_two(launch, ["upcycle", "--data", str(data / "pairs.jsonl"), "--output", str(out), "--batch-size",
-                               "4", *UPCYCLE, *extra], data / "cache")
+                               "4", *UPCYCLE, *extra], data / "cache", check)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -185,6 +191,43 @@ def test_upcycling_two_processes_match_one(engine, upcycle_data, upcycled_by_one
     start = sparse_upcycle(base, 2, 2).state_dict()
     final = load_file(out / "model.safetensors")
     assert max_change(final, start, [k for k in final if k.endswith(".mlp.gate.weight")]) > 1e-3
+
+
+@pytest.mark.parametrize("engine", [
+    pytest.param("fsdp2", marks=pytest.mark.slow),
+    pytest.param("zero2", marks=pytest.mark.slow),
+    "zero3",
+])
+def test_upcycling_resumes_under_each_engine(engine, upcycle_data, upcycled_by_one, tmp_path):
+    """Stopped after 3 of the MCL stage's 4 steps under FSDP2 / ZeRO-2 / ZeRO-3 (every process writes its shards
+    of a checkpoint at step 3) and resumed with --resume under the same engine: the one-process result (clip loss
+    per step within 2e-5, weights within 1e-5) and one metrics line per step. Resuming under another engine is
+    refused, naming how the checkpoint was written."""
+    if engine.startswith("zero"):
+        needs_deepspeed()
+    out = tmp_path / "run"
+    stopped = upcycle_two(upcycle_data, out, engine, *NO_LOAD_BALANCING, "--save-every", "2", "--stop-after-steps",
+                          "3", check=False)
+    assert "StopRequested: stopped after 3 steps" in stopped, stopped[-3000:]
+    checkpoint = out / "work" / "mcl-1" / "checkpoint" / "step-00000003"
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step-00000003"]
+    assert {"random_states_0.pkl", "random_states_1.pkl", "state.pt"} <= {p.name for p in checkpoint.iterdir()}
+    other = "zero3" if engine == "fsdp2" else "fsdp2"
+    refused = upcycle_two(upcycle_data, out, other, *NO_LOAD_BALANCING, "--save-every", "2", "--resume",
+                          check=False)
+    _, _, written = UPCYCLE_ENGINES[engine]
+    _, _, running = UPCYCLE_ENGINES[other]
+    assert (f"error: {checkpoint}: the checkpoint was written by 2 processes under {written}, this run is 2 "
+            f"processes under {running}; resume it as it was launched") in refused, refused[-3000:]
+    output = upcycle_two(upcycle_data, out, engine, *NO_LOAD_BALANCING, "--save-every", "2", "--resume")
+    assert "[mcl-1] resumed at step 3/4 from" in output
+    steps = [r for r in metrics(out) if "step" in r]
+    reference = [r for r in metrics(upcycled_by_one) if "step" in r]
+    assert [(r["stage"], r["step"]) for r in steps] == [(r["stage"], r["step"]) for r in reference]
+    for got, expected in zip(steps, reference):
+        assert got["clip_loss"] == pytest.approx(expected["clip_loss"], abs=2e-5), (got["stage"], got["step"])
+    assert_same_tensors(load_file(out / "model.safetensors"), load_file(upcycled_by_one / "model.safetensors"), 1e-5,
+                        f"{engine} resumed")
 
 
 @pytest.mark.slow

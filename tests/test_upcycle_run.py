@@ -231,6 +231,11 @@ def test_two_processes_match_one(pairs, tmp_path):
     b = load_file(tmp_path / "two" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
+    # the same settings in one process are another run (the global batch follows the processes): refused
+    with pytest.raises(SystemExit) as info:
+        main(two)
+    assert f"the number of processes ({tmp_path / 'two' / 'work' / 'inputs.json'}): 2 -> 1 (--batch-size is per " \
+           "process: the global batch and the steps follow it)" in str(info.value)
 
 
 def test_two_processes_skip_an_all_unreadable_batch_together(tmp_path):

@@ -238,6 +238,10 @@ def _sharded_engine(accelerator) -> str | None:
     return None
 
 
+def _launch(engine: str | None, processes: int) -> str:
+    return f"{processes} process{'es' if processes > 1 else ''}" + (f" under {engine}" if engine else "")
+
+
 def whole_models_under_zero3(accelerator) -> None:
     """Under DeepSpeed ZeRO-3, models built from now on in this process are whole (no ``zero.Init``).
 
@@ -392,20 +396,20 @@ class Engine:
         start_step = 0
         ckpt = stage_dir / "checkpoint"
         latest = latest_checkpoint(ckpt) if self.resume else None
+        restart = f"delete {ckpt} to restart the stage {spec.name} from its beginning"
         if latest is not None:
-            restart = f"delete {ckpt} to restart the stage {spec.name} from its beginning"
-            model.load_state_dict(load_weights(latest / "model.safetensors", "the checkpoint's weights", restart),
-                                  strict=True)
             state = _load_state(latest / "state.pt", restart)
-            optimizer.load_state_dict(state["optimizer"])
+            written_by = (state.get("engine"), state.get("processes", 1))
+            if written_by != (sharded, acc.num_processes):
+                raise ValueError(f"{latest}: the checkpoint was written by {_launch(*written_by)}, this run is "
+                                 f"{_launch(sharded, acc.num_processes)}; resume it as it was launched, or {restart}")
+            if not sharded:  # the engine's own checkpoint; a sharded one is loaded once the model is prepared
+                model.load_state_dict(load_weights(latest / "model.safetensors", "the checkpoint's weights",
+                                                   restart), strict=True)
+                optimizer.load_state_dict(state["optimizer"])
+                _set_rng_state(state["rng"])
             scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
             start_step = state["step"]
-            acc.print(f"[{spec.name}] resumed at step {start_step}/{total_steps} from {latest}")
-        rewind = getattr(self.log, "rewind", None)
-        if rewind is not None and acc.is_main_process:
-            rewind(spec.name, start_step, steps_per_epoch)  # lines written after the checkpoint go
-        acc.wait_for_everyone()
 
         if sharded and sharded.startswith("FSDP"):
             # accelerate's FSDP plugin keeps the layer classes it wrapped in the first model it prepared; each stage
@@ -416,9 +420,21 @@ class Engine:
             plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = self._fsdp_wrap
         ddp_model, optimizer = acc.prepare(trained_model, optimizer)
         ddp_model.train()
-        if sharded:
-            acc.print(f"[{spec.name}] {sharded}: no mid-stage checkpoints (a killed stage starts again; finished "
-                      "stages are kept)")
+        if latest is not None and sharded:
+            try:  # accelerate's own format: every process's shards of the model and optimizer, and its RNG states
+                acc.load_state(str(latest))
+            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+                raise ValueError(f"{latest}: cannot read the checkpoint ({type(err).__name__}: {err}); "
+                                 f"{restart}") from None
+            # the next optimizer step runs at the schedule's learning rate of the step it continues from
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        if latest is not None:
+            acc.print(f"[{spec.name}] resumed at step {start_step}/{total_steps} from {latest}")
+        rewind = getattr(self.log, "rewind", None)
+        if rewind is not None and acc.is_main_process:
+            rewind(spec.name, start_step, steps_per_epoch)  # lines written after the checkpoint go
+        acc.wait_for_everyone()
         acc.print(f"[{spec.name}] {len(trainable)} trainable tensors "
                   f"({sum(params[n].numel() for n in trainable):,} weights), {total_steps} steps; "
                   f"batches: {sampler.stats.summary(sampler.leftover)}")
@@ -465,11 +481,10 @@ class Engine:
                 bar.update(1)
                 self.log({"stage": spec.name, "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                           **record})
-                if step % self.save_every == 0 and step < total_steps and not sharded:
-                    self._checkpoint(model, optimizer, scheduler, step, ckpt)
+                if step % self.save_every == 0 and step < total_steps:
+                    self._checkpoint(model, optimizer, scheduler, step, ckpt, sharded)
                 if self.stop_after_steps is not None and self.total_steps_done >= self.stop_after_steps:
-                    if not sharded:
-                        self._checkpoint(model, optimizer, scheduler, step, ckpt)
+                    self._checkpoint(model, optimizer, scheduler, step, ckpt, sharded)
                     bar.close()
                     raise StopRequested(f"stopped after {self.total_steps_done} steps (--stop-after-steps)")
             end_epoch(epoch + 1)
@@ -521,20 +536,31 @@ class Engine:
             losses["loss"] = clip + aux
         return losses
 
-    def _checkpoint(self, model, optimizer, scheduler, step: int, ckpt: Path) -> None:
-        """Writes ``ckpt/step-N`` (weights, optimizer, scheduler, RNG, step) as a whole, then drops older ones."""
+    def _checkpoint(self, model, optimizer, scheduler, step: int, ckpt: Path, sharded: str | None) -> None:
+        """Writes ``ckpt/step-N`` (weights, optimizer, scheduler, RNG, step, and how the run was launched) as a
+        whole, then drops older ones. Under FSDP / DeepSpeed every process writes its shards of the prepared model
+        and optimizer and its RNG states through accelerate's ``save_state``."""
         acc = self.acc
+        final = ckpt / f"step-{step:08d}"
+        if final.is_dir():  # stop_after_steps may ask again for the step just saved
+            return
+        tmp = _tmp(final)
         if acc.is_main_process:
-            final = ckpt / f"step-{step:08d}"
-            if not final.is_dir():  # stop_after_steps may ask again for the step just saved
-                tmp = _tmp(final)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
-                core = acc.unwrap_model(model)
-                save_file({k: v.contiguous() for k, v in core.state_dict().items()}, tmp / "model.safetensors")
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "rng": _rng_state(), "step": step}, tmp / "state.pt")
-                os.replace(tmp, final)  # weights and state appear together
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        state = {"scheduler": scheduler.state_dict(), "step": step, "engine": sharded,
+                 "processes": acc.num_processes}
+        if sharded:
+            acc.save_state(str(tmp))
+        elif acc.is_main_process:
+            core = acc.unwrap_model(model)
+            save_file({k: v.contiguous() for k, v in core.state_dict().items()}, tmp / "model.safetensors")
+            state |= {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            torch.save(state, tmp / "state.pt")
+            os.replace(tmp, final)  # weights and state appear together
             for old in ckpt.iterdir():  # older checkpoints and leftovers of a killed write
                 if old != final:
                     shutil.rmtree(old) if old.is_dir() else old.unlink()

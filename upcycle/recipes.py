@@ -47,7 +47,7 @@ __all__ = ["check_output_folder", "decode_once", "make_engine", "run_upcycling",
 RUN_FILES = ("run_config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "work", "config.json",
              "README.md", "comparison.md", "comparison.json", "tensorboard", ".model.tmp")
 
-INPUTS_FILE = "inputs.json"  # under work/: the data's identity (`data_identity`)
+INPUTS_FILE = "inputs.json"  # under work/: what the result depends on beyond the settings (`run_inputs`)
 
 _MLP = re.compile(r"\.mlp\.fc[12]\.(weight|bias)$")
 
@@ -207,7 +207,7 @@ def run_upcycling(cfg: UpcycleConfig, accelerator, argv: list[str] | None = None
                          "(--text-positions stretches them)")
     dataset = ImageTextDataset(cfg.data, clip_image_transform(base.config.vision_config.image_size),
                                open_clip_tokenizer(context), max_samples=cfg.inputs.max_samples)
-    inputs = data_identity(dataset)
+    inputs = run_inputs(dataset, acc.num_processes)
     dataset = decode_once(dataset, cfg.inputs.decode_once, acc)
     split = validation_split(len(dataset), cfg.inputs.val_fraction, cfg.run.seed)
     train_idx = np.flatnonzero(split >= 0)
@@ -361,37 +361,44 @@ def _require_a_readable_image(dataset, train_idx: np.ndarray) -> None:
                      "--data: no training pairs (all are held out by --val-fraction)")
 
 
-def data_identity(dataset) -> dict:
-    """What identifies the data a run trained on beyond its ``--data`` paths: the number of pairs and a hash of
-    their captions, so that a file edited in place is not taken for the data of a finished run. (Images replaced
-    under the same names are not noticed: hashing them would mean reading every image before the run.)"""
+def run_inputs(dataset, processes: int) -> dict:
+    """What a run's result depends on beyond its settings: the number of pairs and a hash of their captions (a
+    data file edited in place under the same ``--data`` path is not the data of the finished run; images
+    replaced under the same names are not noticed: hashing them would mean reading every image first), and the
+    number of processes (``--batch-size`` is per process: the global batch, and so the steps, follow it)."""
     digest = hashlib.sha256()
     for caption in dataset.captions:
         digest.update(caption.encode("utf-8", "surrogatepass") + b"\0")
-    return {"pairs": len(dataset), "captions_sha256": digest.hexdigest()}
+    return {"pairs": len(dataset), "captions_sha256": digest.hexdigest(), "processes": processes}
 
 
-def _data_differences(out: Path, inputs: dict | None) -> list[str]:
+def _input_differences(out: Path, inputs: dict | None, data_settings_changed: bool) -> list[str]:
     path = out / "work" / INPUTS_FILE
-    if inputs is None or not path.is_file():  # runs from before the data were recorded: settings only
+    if inputs is None or not path.is_file():  # runs from before the inputs were recorded: settings only
         return []
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        return [f"the data (cannot read {path})"]
-    if saved == inputs:
-        return []
-    if saved.get("pairs") != inputs["pairs"]:
-        return [f"the data ({path}): {saved.get('pairs')} pairs -> {inputs['pairs']} pairs"]
-    return [f"the data ({path}): the captions of the {inputs['pairs']} pairs changed (sha256 "
-            f"{str(saved.get('captions_sha256'))[:12]} -> {inputs['captions_sha256'][:12]})"]
+        return [f"the data and processes (cannot read {path})"]
+    diffs = []
+    if data_settings_changed:  # the data's own difference follows from --data / --max-samples, named already
+        pass
+    elif saved.get("pairs") != inputs["pairs"]:
+        diffs.append(f"the data ({path}): {saved.get('pairs')} pairs -> {inputs['pairs']} pairs")
+    elif saved.get("captions_sha256") != inputs["captions_sha256"]:
+        diffs.append(f"the data ({path}): the captions of the {inputs['pairs']} pairs changed (sha256 "
+                     f"{str(saved.get('captions_sha256'))[:12]} -> {inputs['captions_sha256'][:12]})")
+    if saved.get("processes", inputs["processes"]) != inputs["processes"]:
+        diffs.append(f"the number of processes ({path}): {saved['processes']} -> {inputs['processes']} (--batch-size "
+                     "is per process: the global batch and the steps follow it)")
+    return diffs
 
 
 def check_output_folder(cfg: UpcycleConfig, inputs: dict | None = None) -> str:
     """What to do with ``cfg.output``: "new" (no run there), "reuse" (a run with the same settings: its finished
     stages are reused, and with --resume its unfinished stage continues) or "overwrite"; anything else raises
-    a ValueError naming each setting that differs, and the data when ``inputs`` (`data_identity`) differs from
-    what the run trained on. Reads only: a refused run leaves the folder as it was."""
+    a ValueError naming each setting that differs, and the data or the number of processes when ``inputs``
+    (`run_inputs`) differ from the saved run's. Reads only: a refused run leaves the folder as it was."""
     out = Path(cfg.output)
     if cfg.run.overwrite:
         return "overwrite"
@@ -406,8 +413,7 @@ def check_output_folder(cfg: UpcycleConfig, inputs: dict | None = None) -> str:
     saved = read_saved_settings(saved_path, restart)
     now = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # as saved: compared like for like
     diffs = changed_settings(saved, now, NEUTRAL_SETTINGS)
-    if not any(diff.startswith(("--data ", "--max-samples ")) for diff in diffs):  # else it follows from them
-        diffs += _data_differences(out, inputs)
+    diffs += _input_differences(out, inputs, any(diff.startswith(("--data ", "--max-samples ")) for diff in diffs))
     refuse_changed_settings(out, saved_path, diffs, resume=cfg.run.resume, output_flag="--output")
     return "reuse"
 

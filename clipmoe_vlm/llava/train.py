@@ -503,9 +503,10 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     else:
         trainer.save_model(str(output_dir))
         kind = "full"
-    processor.save_pretrained(output_dir)
-    write_settings(cfg)
-    (output_dir / "README.md").write_text(_model_card(cfg, base_model, metrics, counts, kind))
+    if trainer.args.should_save:  # the main process writes the folder's own files
+        processor.save_pretrained(output_dir)
+        write_settings(cfg)
+        (output_dir / "README.md").write_text(_model_card(cfg, base_model, metrics, counts, kind))
     _log(f"saved {output_dir}")
     for line in _data_report(dataset):  # last, where a user looks when the run ends
         _log(line)

@@ -226,8 +226,13 @@ class LlavaTrainer(Trainer):
         (``language_model.model.*``, ``vision_tower.*``), which only ``from_pretrained`` maps back; the Trainer's own
         ``load_state_dict(strict=False)`` would silently load nothing. Full models are therefore reloaded with
         ``from_pretrained`` and copied strictly; peft models get their adapter (Trainer) plus the non-LoRA
-        trainables."""
+        trainables. Under FSDP the checkpoint holds the wrapped model's whole state (``pytorch_model_fsdp*``, the
+        module's own key names), which the Trainer loads into the sharded parameters itself; copying plain tensors
+        into them would fail."""
         model = self.model if model is None else model
+        if self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         folder = Path(resume_from_checkpoint)
         if hasattr(unwrapped, "peft_config"):
