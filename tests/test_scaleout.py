@@ -15,9 +15,14 @@ every step's loss and every final weight, and checks that training moved the wei
   1e-5, weights (full folder, or adapter + non-LoRA trainables) within 1e-5 (measured: 4.8e-7 and 2.9e-7). Every
   sample has the same number of answer tokens, so the mean of the per-process mean losses is the one-process mean.
 
-Default suite: the upcycling comparisons under FSDP2 and ZeRO-3 (skipped without DeepSpeed) and the unit tests
-(about 70 s on the shared 2-core build machine). ``-m slow``: upcycling under ZeRO-2, the DDP comparison with load
-balancing, the DeepSpeed leaf check and the six LLaVA runs.
+Resumes: upcycling stopped after step 3 of the MCL stage (``--stop-after-steps``; every process writes its shards)
+and LLaVA continued in a new folder from its ``checkpoint-2``, each resumed with ``--resume`` under the same engine
+to the one-process result within the same tolerances.
+
+Default suite: the upcycling comparisons under FSDP2 and ZeRO-3 and the ZeRO-3 resume (skipped without DeepSpeed),
+and the unit tests (83 s on the idle 2-core build machine). ``-m slow``: upcycling under ZeRO-2, the FSDP2 and ZeRO-2
+resumes, the DDP comparison with load balancing, the DeepSpeed leaf check and the eight LLaVA runs (DDP, FSDP2,
+ZeRO-2, ZeRO-3; full and LoRA) with their resumes.
 DeepSpeed tests skip when ``deepspeed`` is not installed (``pip install -e ".[deepspeed]"``). ``-m gpu``: the
 same comparisons through the plain scripts on two GPUs (NCCL, no worker), skipped with fewer GPUs.
 """
@@ -170,7 +175,8 @@ def test_upcycling_two_processes_match_one(engine, upcycle_data, upcycled_by_one
     out = tmp_path / engine
     output = upcycle_two(upcycle_data, out, engine, *NO_LOAD_BALANCING)
     assert f"2 processes (DistributedType.{distributed_type})" in output
-    assert f"[mcl-1] {tag}: no mid-stage checkpoints" in output and f"[router] {tag}:" in output
+    assert f"[mcl-1] {tag}: parameters and optimizer state sharded over 2 processes" in output
+    assert f"[router] {tag}:" in output
 
     one, two = metrics(upcycled_by_one), metrics(out)
     assert [(r["stage"], r["step"]) for r in two] == [(r["stage"], r["step"]) for r in one] == \

@@ -431,6 +431,9 @@ class Engine:
                 group["lr"] = lr
         if latest is not None:
             acc.print(f"[{spec.name}] resumed at step {start_step}/{total_steps} from {latest}")
+        if sharded:
+            acc.print(f"[{spec.name}] {sharded}: parameters and optimizer state sharded over {acc.num_processes} "
+                      "processes (a checkpoint holds every process's shards: resume under the same launch)")
         rewind = getattr(self.log, "rewind", None)
         if rewind is not None and acc.is_main_process:
             rewind(spec.name, start_step, steps_per_epoch)  # lines written after the checkpoint go
