@@ -698,3 +698,16 @@ def test_llava_folder_with_run_files_but_no_settings_is_refused(tmp_path):
         f"{out} holds run files (config.json) but no llava_train_config.json, so the settings they were made with "
         "are unknown: pass --overwrite to delete its run files and start over, or choose another --output-dir")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_lora_run_built_from_parts_keeps_its_base_beside_the_adapter(tower_dir, tiny_world, tmp_path):
+    from clipmoe_vlm.llava.train import main
+
+    out = main(["--stage", "finetune", "--lora", "--lora-r", "4", "--lora-alpha", "8", "--max-steps", "1",
+                "--vision-tower", str(tower_dir), "--data-path", str(tiny_world / "llava" / "instruct.json"),
+                *_common(tiny_world, tmp_path / "lora")])
+    assert (out / "base" / "config.json").is_file() and (out / "base" / "processor_config.json").is_file()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((out / "base").resolve())
+    model, _ = load_lora_llava(out, merge=True)
+    assert isinstance(model, LlavaForConditionalGeneration)

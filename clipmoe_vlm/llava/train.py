@@ -449,9 +449,13 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         from .lora import apply_lora
 
         if lora_base is None:  # built from parts here: keep the base next to the adapter
+            from accelerate import PartialState
+
             lora_base = str(output_dir / "base")
-            model.save_pretrained(lora_base)
-            processor.save_pretrained(lora_base)
+            if PartialState().is_main_process:
+                model.save_pretrained(lora_base)
+                processor.save_pretrained(lora_base)
+            PartialState().wait_for_everyone()
 
         # LoRA's initial matrices from the run's seed: the same in every process (FSDP shards each process's own
         # copy, it broadcasts nothing) and in every run
