@@ -21,8 +21,9 @@ to the one-process result within the same tolerances.
 
 Default suite: the upcycling comparisons under FSDP2 and ZeRO-3 and the ZeRO-3 resume (skipped without DeepSpeed),
 and the unit tests (83 s on the idle 2-core build machine). ``-m slow``: upcycling under ZeRO-2, the FSDP2 and ZeRO-2
-resumes, the FSDP2 and ZeRO-3 runs killed with SIGKILL and resumed, the DDP comparison with load balancing, the DeepSpeed leaf check and the eight LLaVA runs (DDP, FSDP2,
-ZeRO-2, ZeRO-3; full and LoRA) with their resumes.
+resumes, the FSDP2 and ZeRO-3 runs killed with SIGKILL and resumed, the DDP comparison with load balancing, the
+DeepSpeed leaf check and the twelve LLaVA runs (DDP, FSDP2, ZeRO-2, ZeRO-3; full, LoRA, and full with the tower's
+routers training) with their resumes.
 DeepSpeed tests skip when ``deepspeed`` is not installed (``pip install -e ".[deepspeed]"``). ``-m gpu``: the
 same comparisons through the plain scripts on two GPUs (NCCL, no worker), skipped with fewer GPUs.
 """
@@ -444,6 +445,10 @@ LLAVA_ENGINES = {  # launch flags, training flags, a file only that engine's che
     "zero3": (PLAIN_LAUNCH, ["--deepspeed", str(ROOT / "configs" / "deepspeed" / "zero3.json")], "zero_to_fp32.py"),
 }
 LORA = ["--lora", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--projector-lr", "1e-3"]
+# the tower's MoE routers train too (their blocks are then no ZeRO-3 leaves); no router losses, which are each
+# process's own token statistics (as in the upcycling comparison)
+ROUTER = ["--train-router", "--router-lr", "1e-2", "--router-aux-loss-coef", "0", "--router-z-loss-coef", "0"]
+LLAVA_MODES = {"full": [], "lora": LORA, "router": ROUTER}
 
 
 @pytest.fixture(scope="module")
@@ -477,6 +482,10 @@ def llava_setup(tmp_path_factory) -> Path:
     tower = sparse_upcycle(CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                             num_attention_heads=4, image_size=32, patch_size=8)),
                            num_experts=4, top_k=2)
+    with torch.no_grad():  # experts that differ (upcycled ones are copies): routing then changes the output
+        for name, parameter in tower.named_parameters():
+            if ".mlp.experts." in name:
+                parameter.add_(torch.randn_like(parameter), alpha=0.05)
     language = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                            tie_word_embeddings=False)
@@ -499,7 +508,7 @@ def llava_args(setup: Path, out: Path, batch: int, *extra: str) -> list[str]:
 def llava_by_one(llava_setup) -> dict[str, Path]:
     """The one-process references (the plain script, batch 8): full and LoRA."""
     runs = {}
-    for mode, extra in (("full", []), ("lora", LORA)):
+    for mode, extra in LLAVA_MODES.items():
         out = llava_setup / f"one-{mode}"
         run_checked([sys.executable, str(ROOT / "scripts" / "train_llava.py"), *llava_args(llava_setup, out, 8,
                                                                                             *extra)],
@@ -514,10 +523,11 @@ def llava_history(out: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", list(LLAVA_MODES))
 @pytest.mark.parametrize("engine", list(LLAVA_ENGINES))
 def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_by_one, tmp_path):
-    """LLaVA stage 2 under DDP / FSDP2 / ZeRO-2 / ZeRO-3 (full or LoRA), two processes of batch 4 == one of batch 8:
+    """LLaVA stage 2 under DDP / FSDP2 / ZeRO-2 / ZeRO-3 (full, LoRA, or full with the CLIP-MoE tower's routers),
+    two processes of batch 4 == one of batch 8:
     the same 4 steps, loss per step within 1e-5, saved weights within 1e-5 (full: the whole folder, with the key
     layout of the starting folder; LoRA: adapter and non-LoRA trainables); the weights moved. Then the run is
     resumed from its step-2 checkpoint in a new folder (what a kill after step 2 leaves) under the same engine:
@@ -526,7 +536,7 @@ def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_b
         needs_deepspeed()
     launch, engine_args, engine_file = LLAVA_ENGINES[engine]
     out = tmp_path / f"{engine}-{mode}"
-    output = launch_two(launch, ["llava", *llava_args(llava_setup, out, 4, *(LORA if mode == "lora" else []),
+    output = launch_two(launch, ["llava", *llava_args(llava_setup, out, 4, *LLAVA_MODES[mode],
                                                        *engine_args)], llava_setup / "cache")
     assert "done in" in output and any(out.glob(f"checkpoint-*/{engine_file}")), f"{engine} did not run"
     one = llava_by_one[mode]
@@ -534,12 +544,14 @@ def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_b
     assert [s for s, _ in history] == [s for s, _ in reference] == [1, 2, 3, 4]
     for (step, loss), (_, expected) in zip(history, reference):
         assert loss == pytest.approx(expected, abs=1e-5), step
-    if mode == "full":
+    if mode != "lora":
         start = load_file(llava_setup / "llava" / "model.safetensors")
         saved = load_file(out / "model.safetensors")
         assert sorted(saved) == sorted(start)  # loadable: the starting folder's key layout
         assert_same_tensors(saved, load_file(one / "model.safetensors"), 1e-5, "model")
         assert max_change(saved, start, saved) > 1e-3
+        if mode == "router":
+            assert max_change(saved, start, [k for k in saved if k.endswith(".mlp.gate.weight")]) > 1e-3
     else:
         for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
             assert_same_tensors(load_file(out / name), load_file(one / name), 1e-5, name)
@@ -550,14 +562,14 @@ def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_b
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     shutil.copy(out / "llava_train_config.json", resumed)
-    output = launch_two(launch, ["llava", *llava_args(llava_setup, resumed, 4, *(LORA if mode == "lora" else []),
+    output = launch_two(launch, ["llava", *llava_args(llava_setup, resumed, 4, *LLAVA_MODES[mode],
                                                        *engine_args), "--resume"], llava_setup / "cache")
     assert f"resuming from {resumed / 'checkpoint-2'}" in output
     history = llava_history(resumed)
     assert [s for s, _ in history] == [1, 2, 3, 4]  # 1-2 from the checkpoint, 3-4 after resuming
     for (step, loss), (_, expected) in zip(history, reference):
         assert loss == pytest.approx(expected, abs=1e-5), step
-    for name in ("model.safetensors",) if mode == "full" else ("adapter_model.safetensors",
+    for name in ("model.safetensors",) if mode != "lora" else ("adapter_model.safetensors",
                                                                "non_lora_trainables.safetensors"):
         assert_same_tensors(load_file(resumed / name), load_file(one / name), 1e-5, f"resumed {name}")
 
