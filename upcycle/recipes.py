@@ -40,7 +40,7 @@ from .diagnostics import expert_diversity, stage_table
 from .engine import Engine, MetricsLog, StageSpec, atomic_write_text, embed_pairs, paired_recall
 from .mcl import UNREADABLE, accumulate_labels, kmeans_labels
 
-__all__ = ["check_output_folder", "decode_once", "make_engine", "run_upcycling", "stage",
+__all__ = ["check_output_folder", "decode_once", "make_engine", "run_inputs", "run_upcycling", "stage",
            "validation_split"]
 
 # What a run writes into its folder (deleted by --overwrite); the first five mark a folder as holding a run
@@ -381,11 +381,10 @@ def _input_differences(out: Path, inputs: dict | None, data_settings_changed: bo
     except (OSError, ValueError):
         return [f"the data and processes (cannot read {path})"]
     diffs = []
-    if data_settings_changed:  # the data's own difference follows from --data / --max-samples, named already
-        pass
-    elif saved.get("pairs") != inputs["pairs"]:
+    # when --data or --max-samples changed, the data's own difference follows from them (named already)
+    if not data_settings_changed and saved.get("pairs") != inputs["pairs"]:
         diffs.append(f"the data ({path}): {saved.get('pairs')} pairs -> {inputs['pairs']} pairs")
-    elif saved.get("captions_sha256") != inputs["captions_sha256"]:
+    elif not data_settings_changed and saved.get("captions_sha256") != inputs["captions_sha256"]:
         diffs.append(f"the data ({path}): the captions of the {inputs['pairs']} pairs changed (sha256 "
                      f"{str(saved.get('captions_sha256'))[:12]} -> {inputs['captions_sha256'][:12]})")
     if saved.get("processes", inputs["processes"]) != inputs["processes"]:
