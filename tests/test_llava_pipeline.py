@@ -699,6 +699,15 @@ def test_llava_folder_with_run_files_but_no_settings_is_refused(tmp_path):
         "are unknown: pass --overwrite to delete its run files and start over, or choose another --output-dir")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
+    from clipmoe_vlm.llava.run_folder import check_output_dir
+
+    notes = tmp_path / "notes"  # a folder with a README of the user's own holds no run
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    config = load_config(["--stage", "finetune", "--model", str(tmp_path / "x"), "--data-path", "d.json",
+                          "--output-dir", str(notes)]).resolve()
+    assert check_output_dir(config) == "new"
+
 
 def test_lora_run_built_from_parts_keeps_its_base_beside_the_adapter(tower_dir, tiny_world, tmp_path):
     from clipmoe_vlm.llava.train import main

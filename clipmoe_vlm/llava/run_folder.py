@@ -37,6 +37,8 @@ _RUN_FILES = (SETTINGS_FILE, "README.md", "config.json", "generation_config.json
               "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "base", "runs")
 _RUN_GLOBS = ("checkpoint-*", "model*.safetensors*", "*.tmp")
+# What marks a folder as holding a run (not a README.md or runs/ folder a user may keep there)
+_MARKERS = ("checkpoint-", "model", SETTINGS_FILE, "config.json", "adapter_config.json", "adapter_model.safetensors")
 
 
 def _settings(cfg) -> dict:
@@ -60,7 +62,7 @@ def check_output_dir(cfg) -> str:
     if cfg.run.overwrite:
         return "overwrite"
     present = _present_run_files(out)
-    if not present:
+    if not any(name.startswith(_MARKERS) for name in present):
         return "new"
     restart = "pass --overwrite to delete its run files and start over, or choose another --output-dir"
     saved_path = out / SETTINGS_FILE
