@@ -635,6 +635,7 @@ def test_llava_run_folder_is_reused_only_with_its_settings(pretrained, tiny_worl
     weights, its old checkpoints gone); --overwrite starts over, and a LoRA run over a full one leaves no file of
     the full run."""
     import hashlib
+    import shutil
 
     from safetensors.torch import load_file
 
@@ -667,6 +668,17 @@ def test_llava_run_folder_is_reused_only_with_its_settings(pretrained, tiny_worl
 
     resumed = run(load_config(argv + ["--resume", "--logging-steps", "2"]))  # a neutral change
     assert resumed.metrics["global_step"] == 4 and first.metrics["global_step"] == 4
+
+    for name in ("optimizer.pt", "model.safetensors"):  # a damaged checkpoint is named before any work
+        damaged = tmp_path / f"damaged-{name}"
+        shutil.copytree(out, damaged)
+        data = (damaged / "checkpoint-4" / name).read_bytes()
+        (damaged / "checkpoint-4" / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError) as info:
+            run(load_config(argv[:-2] + ["--output-dir", str(damaged), "--resume"]))
+        assert str(info.value).startswith(f"{damaged / 'checkpoint-4' / name}: cannot read the checkpoint (")
+        assert str(info.value).endswith(f"delete {damaged / 'checkpoint-4'} to resume from the checkpoint before it "
+                                        "(if any), or start over with --overwrite")
 
     (out / "checkpoint-9").mkdir()  # as if a longer run had left it: a restart must not mix with it
     again = run(load_config(argv))

@@ -19,11 +19,15 @@ import dataclasses
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 from ..run_config import changed_settings, read_saved_settings, refuse_changed_settings
 
-__all__ = ["NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_output_dir", "clear_run_files", "write_settings"]
+__all__ = ["NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_checkpoint", "check_output_dir", "clear_run_files",
+           "write_settings"]
 
 SETTINGS_FILE = "llava_train_config.json"
 # Settings that change how a run goes, not what it trains: they may differ when a run is resumed. The experts
@@ -92,3 +96,23 @@ def write_settings(cfg) -> None:
     tmp = out / (SETTINGS_FILE + ".tmp")
     tmp.write_text(json.dumps(_settings(cfg), indent=2) + "\n")
     os.replace(tmp, out / SETTINGS_FILE)
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Reads the structure of every file of the Trainer checkpoint ``folder`` without loading any tensor
+    (safetensors headers, the zip directory of torch's files, JSON): a truncated or damaged file is a ValueError
+    naming it, before any work, instead of an unnamed deserialisation error from inside the Trainer."""
+    remedy = f"delete {folder} to resume from the checkpoint before it (if any), or start over with --overwrite"
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):  # torch.save writes zip archives
+                zipfile.ZipFile(path).close()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except (SafetensorError, zipfile.BadZipFile, OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err}); {remedy}") from None

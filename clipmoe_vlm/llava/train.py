@@ -39,7 +39,7 @@ from ..data.llava_dataset import LlavaDataset
 from ..data.llava_records import load_llava_records
 from ..run_config import add_flags, from_flags, setting
 from .builder import build_llava, describe, load_llava, set_tower_experts_implementation
-from .run_folder import check_output_dir, clear_run_files, write_settings
+from .run_folder import check_checkpoint, check_output_dir, clear_run_files, write_settings
 
 __all__ = ["DEFAULT_OUTPUTS", "LlavaTrainConfig", "TrainResult", "build_parser", "load_config", "main", "run"]
 
@@ -491,6 +491,8 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         resume_from = get_last_checkpoint(str(output_dir))
         _log(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {output_dir}; "
              "starting fresh")
+        if resume_from:
+            check_checkpoint(Path(resume_from))
     started = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     metrics = dict(train_output.metrics)
