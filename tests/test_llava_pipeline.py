@@ -732,3 +732,24 @@ def test_lora_run_built_from_parts_keeps_its_base_beside_the_adapter(tower_dir, 
     assert adapter["base_model_name_or_path"] == str((out / "base").resolve())
     model, _ = load_lora_llava(out, merge=True)
     assert isinstance(model, LlavaForConditionalGeneration)
+
+
+def test_llava_data_edited_in_place_is_refused(pretrained, tiny_world, tmp_path):
+    from clipmoe_vlm.llava.train import load_config, run
+
+    data = tmp_path / "instruct.json"
+    records = json.loads((tiny_world / "llava" / "instruct.json").read_text())
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    argv = ["--stage", "finetune", "--model", str(pretrained.output_dir), "--data-path", str(data), "--max-steps",
+            "1", "--no-group-by-modality-length", *_common(tiny_world, out)]
+    run(load_config(argv))
+    settings = out / "llava_train_config.json"
+    before = settings.read_bytes()
+    data.write_text(json.dumps(records[:-1]))
+    for extra in ([], ["--resume"]):
+        with pytest.raises(ValueError) as info:
+            run(load_config(argv + extra))
+        assert f"({settings})" in str(info.value)
+        assert f": the data (--data-path {data}): its content changed (sha256 " in str(info.value)
+    assert settings.read_bytes() == before

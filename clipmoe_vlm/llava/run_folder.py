@@ -16,6 +16,7 @@ Anything else is refused before any work, naming each setting that differs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from ..run_config import changed_settings, read_saved_settings, refuse_changed_settings
 
 __all__ = ["NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_checkpoint", "check_output_dir", "clear_run_files",
-           "write_settings"]
+           "data_digest", "write_settings"]
 
 SETTINGS_FILE = "llava_train_config.json"
 # Settings that change how a run goes, not what it trains: they may differ when a run is resumed. The experts
@@ -45,9 +46,25 @@ _RUN_GLOBS = ("checkpoint-*", "model*.safetensors*", "*.tmp")
 _MARKERS = ("checkpoint-", "model", SETTINGS_FILE, "config.json", "adapter_config.json", "adapter_model.safetensors")
 
 
+DATA_KEY = "data_sha256"  # beside the settings in SETTINGS_FILE: the data file's content (`data_digest`)
+
+
 def _settings(cfg) -> dict:
     """The resolved configuration as it reads back from its JSON file (compared like with like)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def data_digest(cfg) -> str | None:
+    """sha256 of the ``--data-path`` file (None when it is missing: the data loader names it), so that a data file
+    edited in place under the same path is not taken for the data of the saved run."""
+    path = Path(cfg.data.data_path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _present_run_files(out: Path) -> list[str]:
@@ -58,10 +75,11 @@ def _present_run_files(out: Path) -> list[str]:
     return sorted(names)
 
 
-def check_output_dir(cfg) -> str:
+def check_output_dir(cfg, data_sha256: str | None = None) -> str:
     """What the run ``cfg`` (resolved) does with its ``output_dir``: ``"new"``, ``"resume"`` (continue from the
     last checkpoint), ``"restart"`` (same settings, without --resume: from the beginning) or ``"overwrite"``.
-    Raises a ValueError naming each setting that differs from the saved run. Reads only."""
+    Raises a ValueError naming each setting that differs from the saved run, and the data when ``data_sha256``
+    (`data_digest`) differs from the saved one. Reads only."""
     out = Path(cfg.output_dir)
     if cfg.run.overwrite:
         return "overwrite"
@@ -76,8 +94,13 @@ def check_output_dir(cfg) -> str:
         raise ValueError(f"{out} holds run files ({', '.join(present[:4])}{', ...' if len(present) > 4 else ''}) "
                          f"but no {SETTINGS_FILE}, so the settings they were made with are unknown: {restart}")
     saved = read_saved_settings(saved_path, restart)
-    refuse_changed_settings(out, saved_path, changed_settings(saved, _settings(cfg), NEUTRAL_SETTINGS),
-                            resume=cfg.run.resume, output_flag="--output-dir")
+    saved_data = saved.pop(DATA_KEY, None)
+    diffs = changed_settings(saved, _settings(cfg), NEUTRAL_SETTINGS)
+    if saved_data and data_sha256 and saved_data != data_sha256 and not any(d.startswith("--data-path ")
+                                                                             for d in diffs):
+        diffs.append(f"the data (--data-path {cfg.data.data_path}): its content changed (sha256 {saved_data[:12]} "
+                     f"-> {data_sha256[:12]})")
+    refuse_changed_settings(out, saved_path, diffs, resume=cfg.run.resume, output_flag="--output-dir")
     return "resume" if cfg.run.resume else "restart"
 
 
@@ -89,12 +112,14 @@ def clear_run_files(out: Path, checkpoints_only: bool = False) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def write_settings(cfg) -> None:
-    """Writes ``llava_train_config.json`` (through a temporary file: a kill leaves the old file or the new)."""
+def write_settings(cfg, data_sha256: str | None = None) -> None:
+    """Writes ``llava_train_config.json``, with the data's digest when given (through a temporary file: a kill
+    leaves the old file or the new)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (SETTINGS_FILE + ".tmp")
-    tmp.write_text(json.dumps(_settings(cfg), indent=2) + "\n")
+    settings = _settings(cfg) | ({DATA_KEY: data_sha256} if data_sha256 else {})
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
     os.replace(tmp, out / SETTINGS_FILE)
 
 

@@ -39,7 +39,7 @@ from ..data.llava_dataset import LlavaDataset
 from ..data.llava_records import load_llava_records
 from ..run_config import add_flags, from_flags, setting
 from .builder import build_llava, describe, load_llava, set_tower_experts_implementation
-from .run_folder import check_checkpoint, check_output_dir, clear_run_files, write_settings
+from .run_folder import check_checkpoint, check_output_dir, clear_run_files, data_digest, write_settings
 
 __all__ = ["DEFAULT_OUTPUTS", "LlavaTrainConfig", "TrainResult", "build_parser", "load_config", "main", "run"]
 
@@ -427,7 +427,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         save_only_model=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    _take_output_dir(cfg)
+    data_sha256 = _take_output_dir(cfg)
     model, processor = _build_model(cfg)
     _set_router_losses(model, cfg)
     if cfg.modeling.experts_implementation is not None:
@@ -511,7 +511,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         kind = "full"
     if trainer.args.should_save:  # the main process writes the folder's own files
         processor.save_pretrained(output_dir)
-        write_settings(cfg)
+        write_settings(cfg, data_sha256)
         (output_dir / "README.md").write_text(_model_card(cfg, base_model, metrics, counts, kind))
     _log(f"saved {output_dir}")
     for line in _data_report(dataset):  # last, where a user looks when the run ends
@@ -519,13 +519,15 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     return TrainResult(output_dir=output_dir, metrics=metrics, trainable=trainable, trainer=trainer)
 
 
-def _take_output_dir(cfg: LlavaTrainConfig) -> None:
+def _take_output_dir(cfg: LlavaTrainConfig) -> str | None:
     """Checks ``--output-dir`` against the run (`run_folder.check_output_dir`; every process reads it before the
-    main one changes it), then clears what the run replaces and writes its settings first."""
+    main one changes it), then clears what the run replaces and writes its settings first; returns the data's
+    digest (saved with the settings)."""
     from accelerate import PartialState
 
     state = PartialState()  # made by TrainingArguments: one process, or the launched ones
-    mode = check_output_dir(cfg)
+    data_sha256 = data_digest(cfg)
+    mode = check_output_dir(cfg, data_sha256)
     state.wait_for_everyone()
     output_dir = Path(cfg.output_dir)
     if state.is_main_process:
@@ -533,12 +535,13 @@ def _take_output_dir(cfg: LlavaTrainConfig) -> None:
             clear_run_files(output_dir)
         elif mode == "restart":  # its checkpoints would mix with this run's
             clear_run_files(output_dir, checkpoints_only=True)
-        write_settings(cfg)
+        write_settings(cfg, data_sha256)
     state.wait_for_everyone()
     _log({"new": f"new run in {output_dir}", "resume": f"continuing the run in {output_dir}",
           "restart": f"{output_dir} holds a run with the same settings: starting it again from the beginning "
                      "(--resume continues it from its last checkpoint)",
           "overwrite": f"--overwrite: the run files of {output_dir} deleted, starting over"}[mode])
+    return data_sha256
 
 
 def main(argv: list[str] | None = None) -> Path:
