@@ -238,7 +238,7 @@ def test_upcycling_resumes_under_each_engine(engine, upcycle_data, upcycled_by_o
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_sharded_upcycling_survives_a_real_kill(engine, upcycle_data, tmp_path):
     """A two-process run under FSDP2 / ZeRO-3 (3 epochs: 12 steps per stage, a checkpoint every step), every
     process killed with SIGKILL once steps past a checkpoint are logged, then resumed with --resume: no
@@ -448,7 +448,8 @@ LORA = ["--lora", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "
 # the tower's MoE routers train too (their blocks are then no ZeRO-3 leaves); no router losses, which are each
 # process's own token statistics (as in the upcycling comparison)
 ROUTER = ["--train-router", "--router-lr", "1e-2", "--router-aux-loss-coef", "0", "--router-z-loss-coef", "0"]
-LLAVA_MODES = {"full": [], "lora": LORA, "router": ROUTER}
+# stage 1 (the projector alone, the plain template) as LLaVA-1.5 runs it under ZeRO-2
+LLAVA_MODES = {"full": [], "lora": LORA, "router": ROUTER, "pretrain": ["--stage", "pretrain"]}
 
 
 @pytest.fixture(scope="module")
@@ -506,7 +507,7 @@ def llava_args(setup: Path, out: Path, batch: int, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def llava_by_one(llava_setup) -> dict[str, Path]:
-    """The one-process references (the plain script, batch 8): full and LoRA."""
+    """The one-process references (the plain script, batch 8), one per mode."""
     runs = {}
     for mode, extra in LLAVA_MODES.items():
         out = llava_setup / f"one-{mode}"
@@ -525,13 +526,13 @@ def llava_history(out: Path) -> list[tuple[int, float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(LLAVA_MODES))
 @pytest.mark.parametrize("engine", list(LLAVA_ENGINES))
-def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_by_one, tmp_path):
-    """LLaVA stage 2 under DDP / FSDP2 / ZeRO-2 / ZeRO-3 (full, LoRA, or full with the CLIP-MoE tower's routers),
+def test_llava_two_processes_match_one(engine, mode, llava_setup, llava_by_one, tmp_path):
+    """LLaVA under DDP / FSDP2 / ZeRO-2 / ZeRO-3 (stage 2 full, LoRA, full with the CLIP-MoE tower's routers; stage 1),
     two processes of batch 4 == one of batch 8:
     the same 4 steps, loss per step within 1e-5, saved weights within 1e-5 (full: the whole folder, with the key
     layout of the starting folder; LoRA: adapter and non-LoRA trainables); the weights moved. Then the run is
     resumed from its step-2 checkpoint in a new folder (what a kill after step 2 leaves) under the same engine:
-    steps 3 and 4 again, to the same weights within 1e-5."""
+    steps 3 and 4 again, to the same weights within 1e-5 (stage 1: 1e-4, below)."""
     if engine.startswith("zero"):
         needs_deepspeed()
     launch, engine_args, engine_file = LLAVA_ENGINES[engine]
@@ -540,6 +541,10 @@ def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_b
                                                        *engine_args)], llava_setup / "cache")
     assert "done in" in output and any(out.glob(f"checkpoint-*/{engine_file}")), f"{engine} did not run"
     one = llava_by_one[mode]
+    # stage 1 trains the projector alone from a frozen tower: a few of its inputs are near-constant, their weights'
+    # gradients tiny (Adam second moment down to 3e-10), and Adam divides the engines' different summation order by
+    # that root (measured under ZeRO-3: 2.0e-5 on 1 of 1024 elements of linear_1, which moved by 2.5e-3)
+    weights_atol = 1e-4 if mode == "pretrain" else 1e-5
     history, reference = llava_history(out), llava_history(one)
     assert [s for s, _ in history] == [s for s, _ in reference] == [1, 2, 3, 4]
     for (step, loss), (_, expected) in zip(history, reference):
@@ -548,10 +553,14 @@ def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_b
         start = load_file(llava_setup / "llava" / "model.safetensors")
         saved = load_file(out / "model.safetensors")
         assert sorted(saved) == sorted(start)  # loadable: the starting folder's key layout
-        assert_same_tensors(saved, load_file(one / "model.safetensors"), 1e-5, "model")
+        assert_same_tensors(saved, load_file(one / "model.safetensors"), weights_atol, "model")
         assert max_change(saved, start, saved) > 1e-3
         if mode == "router":
             assert max_change(saved, start, [k for k in saved if k.endswith(".mlp.gate.weight")]) > 1e-3
+        if mode == "pretrain":  # the projector alone moved
+            projector = [k for k in saved if "multi_modal_projector" in k]
+            assert projector and max_change(saved, start, projector) > 1e-3
+            assert max_change(saved, start, [k for k in saved if k not in projector]) == 0
     else:
         for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
             assert_same_tensors(load_file(out / name), load_file(one / name), 1e-5, name)
@@ -571,7 +580,7 @@ def test_llava_stage2_two_processes_match_one(engine, mode, llava_setup, llava_b
         assert loss == pytest.approx(expected, abs=1e-5), step
     for name in ("model.safetensors",) if mode != "lora" else ("adapter_model.safetensors",
                                                                "non_lora_trainables.safetensors"):
-        assert_same_tensors(load_file(resumed / name), load_file(one / name), 1e-5, f"resumed {name}")
+        assert_same_tensors(load_file(resumed / name), load_file(one / name), weights_atol, f"resumed {name}")
 
 
 # ============================================================================ GPUs (not run on the CPU machine)
