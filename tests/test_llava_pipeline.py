@@ -631,14 +631,16 @@ def test_training_reports_skipped_and_repaired_samples(pretrained, tiny_world, t
 
 def test_llava_run_folder_is_reused_only_with_its_settings(pretrained, tiny_world, tmp_path):
     """A finished LLaVA folder: changed settings are refused (with and without --resume) and leave it
-    byte-identical; --resume with a neutral change continues; the same settings start it again (to the same
-    weights, its old checkpoints gone); --overwrite starts over, and a LoRA run over a full one leaves no file of
-    the full run."""
+    byte-identical; --resume with a neutral change continues; a checkpoint the run was killed while writing is
+    deleted and the one before it continued, to the same weights; a checkpoint written under another launch is
+    refused; the same settings start it again (to the same weights, its old checkpoints gone); --overwrite starts
+    over, and a LoRA run over a full one leaves no file of the full run."""
     import hashlib
     import shutil
 
     from safetensors.torch import load_file
 
+    from clipmoe_vlm.llava.run_folder import CHECKPOINT_RECORD, checkpoint_to_resume
     from clipmoe_vlm.llava.train import load_config, run
 
     out = tmp_path / "run"
@@ -679,6 +681,34 @@ def test_llava_run_folder_is_reused_only_with_its_settings(pretrained, tiny_worl
         assert str(info.value).startswith(f"{damaged / 'checkpoint-4' / name}: cannot read the checkpoint (")
         assert str(info.value).endswith(f"delete {damaged / 'checkpoint-4'} to resume from the checkpoint before it "
                                         "(if any), or start over with --overwrite")
+
+    # killed while the Trainer wrote checkpoint-4 (its files are written in place): no record, no optimizer yet
+    record = json.loads((out / "checkpoint-4" / CHECKPOINT_RECORD).read_text())
+    assert record == {"step": 4, "engine": None, "processes": 1}
+    killed = tmp_path / "killed-while-saving"
+    shutil.copytree(out, killed)
+    for name in (CHECKPOINT_RECORD, "optimizer.pt", "trainer_state.json"):
+        (killed / "checkpoint-4" / name).unlink()
+    continued = run(load_config(argv[:-2] + ["--output-dir", str(killed), "--resume"]))
+    assert continued.metrics["global_step"] == 4 and (killed / "checkpoint-4" / CHECKPOINT_RECORD).is_file()
+    for key, value in load_file(killed / "model.safetensors").items():  # steps 3 and 4 again, from checkpoint-2
+        torch.testing.assert_close(value, weights[key], msg=key)
+
+    other_launch = tmp_path / "other-launch"  # a checkpoint is resumed only as it was launched
+    shutil.copytree(out, other_launch)
+    (other_launch / "checkpoint-4" / CHECKPOINT_RECORD).write_text(json.dumps(
+        {"step": 4, "engine": "DeepSpeed ZeRO-3", "processes": 2}))
+    with pytest.raises(ValueError) as info:
+        run(load_config(argv[:-2] + ["--output-dir", str(other_launch), "--resume"]))
+    assert str(info.value) == (f"{other_launch / 'checkpoint-4'}: the checkpoint was written by 2 processes under "
+                               "DeepSpeed ZeRO-3, this run is 1 process; resume it as it was launched, or start "
+                               "over without --resume")
+
+    # checkpoints without any record (a Trainer of its own, an earlier version): the newest whole one, none deleted
+    for folder in other_launch.glob("checkpoint-*"):
+        (folder / CHECKPOINT_RECORD).unlink()
+    (other_launch / "checkpoint-6").mkdir()
+    assert checkpoint_to_resume(other_launch, None, 1) == (other_launch / "checkpoint-4", [])
 
     (out / "checkpoint-9").mkdir()  # as if a longer run had left it: a restart must not mix with it
     again = run(load_config(argv))

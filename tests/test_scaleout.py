@@ -87,6 +87,20 @@ def launch_two(launch: list[str], worker_args: list[str], cache: Path, check: bo
     return proc.stdout + proc.stderr
 
 
+def kill_run(launcher: subprocess.Popen) -> None:
+    """SIGKILL to every process of an ``accelerate launch`` (torchrun starts each worker in a session of its own)."""
+    import signal
+
+    import psutil
+
+    for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    launcher.wait()
+
+
 def assert_same_tensors(got: dict, expected: dict, atol: float, what: str) -> None:
     assert sorted(got) == sorted(expected), f"{what}: other keys"
     for key, value in expected.items():
@@ -240,14 +254,11 @@ def test_upcycling_resumes_under_each_engine(engine, upcycle_data, upcycled_by_o
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_sharded_upcycling_survives_a_real_kill(engine, upcycle_data, tmp_path):
-    """A two-process run under FSDP2 / ZeRO-3 (3 epochs: 12 steps per stage, a checkpoint every step), every
+    """A two-process run under FSDP2 / ZeRO-2 / ZeRO-3 (3 epochs: 12 steps per stage, a checkpoint every step), every
     process killed with SIGKILL once steps past a checkpoint are logged, then resumed with --resume: no
     half-written file is taken for a checkpoint, and the result is the one-process run's (clip loss per step
     within 2e-5, weights within 1e-5), with one metrics line per step."""
-    import signal
     import time
-
-    import psutil
 
     if engine.startswith("zero"):
         needs_deepspeed()
@@ -269,13 +280,7 @@ def test_sharded_upcycling_survives_a_real_kill(engine, upcycle_data, tmp_path):
                 break
             time.sleep(0.01)
         running = launcher.poll() is None
-        # torchrun starts each worker in a session of its own: kill every process of the run at once
-        for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
-            try:
-                process.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        launcher.wait()
+        kill_run(launcher)
     assert running, "the run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
     assert not (out / "model.safetensors").exists()
     output = upcycle_two(upcycle_data, out, engine, *extra, "--resume")
@@ -581,6 +586,62 @@ def test_llava_two_processes_match_one(engine, mode, llava_setup, llava_by_one, 
     for name in ("model.safetensors",) if mode != "lora" else ("adapter_model.safetensors",
                                                                "non_lora_trainables.safetensors"):
         assert_same_tensors(load_file(resumed / name), load_file(one / name), weights_atol, f"resumed {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_llava_survives_a_real_kill(engine, llava_setup, tmp_path):
+    """A two-process LLaVA stage-2 run (12 steps, a checkpoint every step) under FSDP2 / ZeRO-3, every process
+    killed with SIGKILL while it writes a checkpoint when the polling catches one (else just after one), then
+    --resume: a checkpoint the kill cut short is deleted, not taken, and the result is the one-process run's
+    (loss per step within 1e-5, weights within 1e-5)."""
+    import time
+
+    from clipmoe_vlm.llava.run_folder import CHECKPOINT_RECORD
+
+    if engine.startswith("zero"):
+        needs_deepspeed()
+    extra = ["--num-train-epochs", "6", "--save-steps", "1"]
+    one = tmp_path / "one"
+    run_checked([sys.executable, str(ROOT / "scripts" / "train_llava.py"), *llava_args(llava_setup, one, 8, *extra)],
+                llava_setup / "cache")
+    launch, engine_args, _ = LLAVA_ENGINES[engine]
+    out = tmp_path / "run"
+    arguments = ["llava", *llava_args(llava_setup, out, 4, *extra, *engine_args)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
+               "--main_process_port", str(free_port()), str(WORKER), *arguments]
+    with open(tmp_path / "first.log", "w") as log:
+        launcher = subprocess.Popen(command, env=environment(llava_setup / "cache"), stdout=log,
+                                    stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + TIMEOUT
+        mid_save = False
+        while launcher.poll() is None and time.monotonic() < deadline:
+            folders = list(out.glob("checkpoint-*"))
+            recorded = [f for f in folders if (f / CHECKPOINT_RECORD).is_file()]
+            mid_save = bool(recorded) and len(recorded) < len(folders)
+            if mid_save or len(recorded) >= 2:
+                break
+            time.sleep(0.005)
+        running = launcher.poll() is None
+        kill_run(launcher)
+    assert running, "the run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+    assert not (out / "model.safetensors").exists()
+    left = sorted(f.name for f in out.glob("checkpoint-*"))
+    partial = [name for name in left if not (out / name / CHECKPOINT_RECORD).is_file()]
+    print(f"{engine}: killed with {left} on disk, not recorded: {partial} (mid-save: {mid_save})")
+
+    output = launch_two(launch, [*arguments, "--resume"], llava_setup / "cache")
+    for name in partial:
+        assert f"{out / name}: not completely written" in output
+    history = [(e["step"], e["loss"]) for e in
+               json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    reference = [(e["step"], e["loss"]) for e in
+                 json.loads((one / "checkpoint-12" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert [s for s, _ in history] == [s for s, _ in reference] == list(range(1, 13))
+    for (step, loss), (_, expected) in zip(history, reference):
+        assert loss == pytest.approx(expected, abs=1e-5), step
+    assert_same_tensors(load_file(out / "model.safetensors"), load_file(one / "model.safetensors"), 1e-5,
+                        f"{engine} killed and resumed")
 
 
 # ============================================================================ GPUs (not run on the CPU machine)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from clipmoe_vlm.distributed import describe_launch, sharded_engine
 from clipmoe_vlm.losses import expert_load
 
 from .contrastive import clip_contrastive_loss, gather_rows, gather_with_grad
@@ -226,29 +227,13 @@ def skip_together(accelerator, empty: bool) -> bool:
     return bool(flag.item())
 
 
-def _sharded_engine(accelerator) -> str | None:
-    """``"FSDP"``, ``"DeepSpeed ZeRO-N"`` when the accelerator runs one of them (they manage the parameters and
-    optimizer state themselves), else None (one process, DDP)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return "FSDP2" if accelerator.is_fsdp2 else "FSDP"
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
-    return None
-
-
-def _launch(engine: str | None, processes: int) -> str:
-    return f"{processes} process{'es' if processes > 1 else ''}" + (f" under {engine}" if engine else "")
-
-
 def whole_models_under_zero3(accelerator) -> None:
     """Under DeepSpeed ZeRO-3, models built from now on in this process are whole (no ``zero.Init``).
 
     accelerate registers its ZeRO-3 config with transformers, which then partitions every model it builds. The
     recipes use whole models between stages (clustering embeddings, assembling experts, evaluation); the engine
     partitions each stage's copy when it prepares it. Nothing changes without DeepSpeed ZeRO-3."""
-    if _sharded_engine(accelerator) == "DeepSpeed ZeRO-3":
+    if sharded_engine(accelerator) == "DeepSpeed ZeRO-3":
         from transformers.integrations import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
@@ -267,7 +252,7 @@ def _prepare_for_sharded_engine(accelerator, model, spec: StageSpec):
     """
     import copy
 
-    engine = _sharded_engine(accelerator)
+    engine = sharded_engine(accelerator)
     zero3 = engine == "DeepSpeed ZeRO-3"
     if spec.learn_temperature and (zero3 or engine.startswith("FSDP")):
         raise ValueError(f"[{spec.name}] a learned temperature (--learn-temperature) cannot be trained under "
@@ -364,7 +349,7 @@ class Engine:
             acc.print(f"[{spec.name}] already finished, loaded from {stage_dir}")
             return model, summary
 
-        sharded = _sharded_engine(acc)
+        sharded = sharded_engine(acc)
         if sharded:
             # FSDP / DeepSpeed change the module they prepare (sharded parameters, hooks): train a copy and load
             # its gathered weights back into ``model`` at the end, so callers keep a plain model
@@ -401,8 +386,9 @@ class Engine:
             state = _load_state(latest / "state.pt", restart)
             written_by = (state.get("engine"), state.get("processes", 1))
             if written_by != (sharded, acc.num_processes):
-                raise ValueError(f"{latest}: the checkpoint was written by {_launch(*written_by)}, this run is "
-                                 f"{_launch(sharded, acc.num_processes)}; resume it as it was launched, or {restart}")
+                raise ValueError(f"{latest}: the checkpoint was written by {describe_launch(*written_by)}, this run "
+                                 f"is {describe_launch(sharded, acc.num_processes)}; resume it as it was launched, "
+                                 f"or {restart}")
             if not sharded:  # the engine's own checkpoint; a sharded one is loaded once the model is prepared
                 model.load_state_dict(load_weights(latest / "model.safetensors", "the checkpoint's weights",
                                                    restart), strict=True)

@@ -11,6 +11,12 @@ continue the old run. So the settings are written first (``llava_train_config.js
 - started over with other settings when ``--overwrite`` asks for it (its run files are deleted first).
 
 Anything else is refused before any work, naming each setting that differs.
+
+The Trainer writes a checkpoint's files in place, process by process, so a run killed while saving leaves a
+``checkpoint-N`` folder that looks like the newest checkpoint and is not whole. Each checkpoint therefore gets a
+record (``clipmoe_checkpoint.json``: its step, and how the run was launched) once every process has written its
+files; ``--resume`` continues from the newest recorded checkpoint, deletes the newer unrecorded ones, and refuses a
+checkpoint written under another engine or number of processes.
 """
 
 from __future__ import annotations
@@ -19,18 +25,21 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from ..distributed import describe_launch
 from ..run_config import changed_settings, read_saved_settings, refuse_changed_settings
 
-__all__ = ["NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_checkpoint", "check_output_dir", "clear_run_files",
-           "data_digest", "write_settings"]
+__all__ = ["CHECKPOINT_RECORD", "NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_checkpoint", "check_output_dir",
+           "checkpoint_to_resume", "clear_run_files", "data_digest", "write_checkpoint_record", "write_settings"]
 
 SETTINGS_FILE = "llava_train_config.json"
+CHECKPOINT_RECORD = "clipmoe_checkpoint.json"  # in each checkpoint-N, written once every process has saved
 # Settings that change how a run goes, not what it trains: they may differ when a run is resumed. The experts
 # kernels compute the same function; checkpoints hold the optimizer and scheduler, whatever the save cadence.
 NEUTRAL_SETTINGS = ("output_dir", "resume", "overwrite", "torch_threads", "logging_steps", "save_steps",
@@ -112,15 +121,57 @@ def clear_run_files(out: Path, checkpoints_only: bool = False) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _write_json(path: Path, content: dict) -> None:
+    """Through a temporary file: a kill leaves the old file or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_checkpoint_record(folder: Path, step: int, engine: str | None, processes: int) -> None:
+    """Marks the Trainer checkpoint ``folder`` whole; call it once every process has written its files."""
+    _write_json(Path(folder) / CHECKPOINT_RECORD, {"step": step, "engine": engine, "processes": processes})
+
+
+def _step(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def checkpoint_to_resume(out: Path, engine: str | None, processes: int) -> tuple[Path | None, list[Path]]:
+    """The checkpoint of ``out`` that ``--resume`` continues from (None: there is none), and the newer checkpoint
+    folders without a record: the run was killed while writing them, so the caller deletes them (their step is
+    trained again). Raises a ValueError naming the checkpoint when it was written under another launch than
+    ``engine`` and ``processes`` (`clipmoe_vlm.distributed`), or when one of its files is damaged.
+
+    A folder whose checkpoints have no record at all was written by a Trainer of its own or by an earlier
+    version: its newest checkpoint holding ``trainer_state.json`` (the Trainer's last file) is taken, and nothing
+    is deleted."""
+    out = Path(out)
+    checkpoints = sorted((path for path in out.glob("checkpoint-*")
+                          if path.is_dir() and re.fullmatch(r"checkpoint-\d+", path.name)), key=_step)
+    recorded = [path for path in checkpoints if (path / CHECKPOINT_RECORD).is_file()]
+    if not recorded:
+        whole = [path for path in checkpoints if (path / "trainer_state.json").is_file()]
+        if whole:
+            check_checkpoint(whole[-1])
+        return (whole[-1] if whole else None), []
+    chosen = recorded[-1]
+    check_checkpoint(chosen)  # the record is JSON too: read whole here
+    record = json.loads((chosen / CHECKPOINT_RECORD).read_text())
+    written_by = (record.get("engine"), record.get("processes"))
+    if written_by != (engine, processes):
+        raise ValueError(f"{chosen}: the checkpoint was written by {describe_launch(*written_by)}, this run is "
+                         f"{describe_launch(engine, processes)}; resume it as it was launched, or start over "
+                         f"without --resume")
+    return chosen, [path for path in checkpoints if _step(path) > _step(chosen)]
+
+
 def write_settings(cfg, data_sha256: str | None = None) -> None:
     """Writes ``llava_train_config.json``, with the data's digest when given (through a temporary file: a kill
     leaves the old file or the new)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (SETTINGS_FILE + ".tmp")
-    settings = _settings(cfg) | ({DATA_KEY: data_sha256} if data_sha256 else {})
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, out / SETTINGS_FILE)
+    _write_json(out / SETTINGS_FILE, _settings(cfg) | ({DATA_KEY: data_sha256} if data_sha256 else {}))
 
 
 def check_checkpoint(folder: Path) -> None:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -37,9 +38,13 @@ from ..data.conversation import get_template
 from ..data.llava_batching import LlavaCollator
 from ..data.llava_dataset import LlavaDataset
 from ..data.llava_records import load_llava_records
+from ..distributed import sharded_engine
 from ..run_config import add_flags, from_flags, setting
 from .builder import build_llava, describe, load_llava, set_tower_experts_implementation
-from .run_folder import check_checkpoint, check_output_dir, clear_run_files, data_digest, write_settings
+from .run_folder import check_output_dir, checkpoint_to_resume, clear_run_files, data_digest, write_settings
+
+if TYPE_CHECKING:
+    from .trainer import LlavaTrainer
 
 __all__ = ["DEFAULT_OUTPUTS", "LlavaTrainConfig", "TrainResult", "build_parser", "load_config", "main", "run"]
 
@@ -383,8 +388,6 @@ def _data_report(dataset: LlavaDataset, examples: int = 3) -> list[str]:
 def run(config: LlavaTrainConfig) -> TrainResult:
     """Train one stage as configured and save the result; returns where it went."""
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
-
     from .trainable import configure_trainable, summarize_trainable
     from .trainer import LlavaTrainer
 
@@ -488,11 +491,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     )
     resume_from = None
     if cfg.run.resume and output_dir.is_dir():  # `_take_output_dir` checked that its settings are these
-        resume_from = get_last_checkpoint(str(output_dir))
-        _log(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {output_dir}; "
-             "starting fresh")
-        if resume_from:
-            check_checkpoint(Path(resume_from))
+        resume_from = _checkpoint_to_resume(trainer, output_dir)
     started = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     metrics = dict(train_output.metrics)
@@ -517,6 +516,21 @@ def run(config: LlavaTrainConfig) -> TrainResult:
     for line in _data_report(dataset):  # last, where a user looks when the run ends
         _log(line)
     return TrainResult(output_dir=output_dir, metrics=metrics, trainable=trainable, trainer=trainer)
+
+
+def _checkpoint_to_resume(trainer: LlavaTrainer, output_dir: Path) -> str | None:
+    """`run_folder.checkpoint_to_resume` on every process; the main one then deletes the checkpoints the run was
+    killed while writing (the Trainer would otherwise write that step again into them, and rotate by them)."""
+    accelerator = trainer.accelerator
+    chosen, partial = checkpoint_to_resume(output_dir, sharded_engine(accelerator), accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every process has listed the folder
+    for folder in partial:
+        _log(f"{folder}: not completely written (the run stopped while saving it); deleted")
+        if trainer.args.should_save:
+            shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    _log(f"resuming from {chosen}" if chosen else f"--resume: no checkpoint in {output_dir}; starting fresh")
+    return str(chosen) if chosen else None
 
 
 def _take_output_dir(cfg: LlavaTrainConfig) -> str | None:

@@ -28,7 +28,9 @@ from ..data.llava_batching import ModalityLengthGroupedSampler
 
 # The dependency runs one way, trainer -> lora -> trainable: lora never imports this module (it would pull in the
 # Trainer machinery, which merging an adapter does not need).
+from ..distributed import sharded_engine
 from .lora import NON_LORA_FILE, non_lora_state, save_lora
+from .run_folder import write_checkpoint_record
 from .trainable import parameter_group_of
 
 __all__ = ["LlavaTrainer", "llava_core", "mark_zero3_leaf_blocks"]
@@ -200,6 +202,15 @@ class LlavaTrainer(Trainer):
             # peft saves only the LoRA matrices; the projector (and routers) train too and must come back on resume
             save_file(_non_lora_trainables(model, state_dict),
                       os.path.join(output_dir or self.args.output_dir, NON_LORA_FILE))
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        # every process has written its files of checkpoint-N in place: only now is it whole (see run_folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            write_checkpoint_record(folder, self.state.global_step, sharded_engine(self.accelerator),
+                                    self.accelerator.num_processes)
 
     def save_lora_run(self, output_dir: str | os.PathLike[str], base_folder: str | os.PathLike[str]) -> None:
         """`save_lora` of the trained peft model. Under FSDP or DeepSpeed ZeRO-3 each process holds a shard of
