@@ -87,18 +87,27 @@ def launch_two(launch: list[str], worker_args: list[str], cache: Path, check: bo
     return proc.stdout + proc.stderr
 
 
-def kill_run(launcher: subprocess.Popen) -> None:
-    """SIGKILL to every process of an ``accelerate launch`` (torchrun starts each worker in a session of its own)."""
+def launch_and_kill(command: list[str], cache: Path, log: Path, ready) -> None:
+    """Starts ``command`` (an ``accelerate launch``) and, once ``ready()`` holds, SIGKILLs every process of it at
+    once (torchrun starts each worker in a session of its own); asserts that it was still running then."""
     import signal
+    import time
 
     import psutil
 
-    for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    launcher.wait()
+    with open(log, "w") as output:
+        launcher = subprocess.Popen(command, env=environment(cache), stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while launcher.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.005)
+        running = launcher.poll() is None
+        for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        launcher.wait()
+    assert running, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
 
 
 def assert_same_tensors(got: dict, expected: dict, atol: float, what: str) -> None:
@@ -258,8 +267,6 @@ def test_sharded_upcycling_survives_a_real_kill(engine, upcycle_data, tmp_path):
     process killed with SIGKILL once steps past a checkpoint are logged, then resumed with --resume: no
     half-written file is taken for a checkpoint, and the result is the one-process run's (clip loss per step
     within 2e-5, weights within 1e-5), with one metrics line per step."""
-    import time
-
     if engine.startswith("zero"):
         needs_deepspeed()
     extra = [*NO_LOAD_BALANCING, "--epochs", "3", "--save-every", "1"]
@@ -269,19 +276,13 @@ def test_sharded_upcycling_survives_a_real_kill(engine, upcycle_data, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
                "--main_process_port", str(free_port()), str(WORKER), "upcycle", "--data",
                str(upcycle_data / "pairs.jsonl"), "--output", str(out), "--batch-size", "4", *UPCYCLE, *extra]
-    with open(tmp_path / "first.log", "w") as log:
-        launcher = subprocess.Popen(command, env=environment(upcycle_data / "cache"), stdout=log,
-                                    stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while launcher.poll() is None and time.monotonic() < deadline:
-            saved = [int(p.name[5:]) for p in out.glob("work/*/checkpoint/step-*") if ".tmp" not in p.name]
-            logged = out / "metrics.jsonl"
-            if saved and logged.is_file() and len(logged.read_text().splitlines()) > max(saved):
-                break
-            time.sleep(0.01)
-        running = launcher.poll() is None
-        kill_run(launcher)
-    assert running, "the run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+
+    def ready() -> bool:  # steps past a checkpoint are logged
+        saved = [int(p.name[5:]) for p in out.glob("work/*/checkpoint/step-*") if ".tmp" not in p.name]
+        logged = out / "metrics.jsonl"
+        return bool(saved) and logged.is_file() and len(logged.read_text().splitlines()) > max(saved)
+
+    launch_and_kill(command, upcycle_data / "cache", tmp_path / "first.log", ready)
     assert not (out / "model.safetensors").exists()
     output = upcycle_two(upcycle_data, out, engine, *extra, "--resume")
     assert "resumed at step" in output
@@ -589,14 +590,12 @@ def test_llava_two_processes_match_one(engine, mode, llava_setup, llava_by_one, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("engine", list(LLAVA_ENGINES))
 def test_llava_survives_a_real_kill(engine, llava_setup, tmp_path):
-    """A two-process LLaVA stage-2 run (12 steps, a checkpoint every step) under FSDP2 / ZeRO-3, every process
-    killed with SIGKILL while it writes a checkpoint when the polling catches one (else just after one), then
+    """A two-process LLaVA stage-2 run (12 steps, a checkpoint every step) under DDP / FSDP2 / ZeRO-2 / ZeRO-3,
+    every process killed with SIGKILL while it writes a checkpoint when the polling catches one (else after one), then
     --resume: a checkpoint the kill cut short is deleted, not taken, and the result is the one-process run's
     (loss per step within 1e-5, weights within 1e-5)."""
-    import time
-
     from clipmoe_vlm.llava.run_folder import CHECKPOINT_RECORD
 
     if engine.startswith("zero"):
@@ -610,25 +609,17 @@ def test_llava_survives_a_real_kill(engine, llava_setup, tmp_path):
     arguments = ["llava", *llava_args(llava_setup, out, 4, *extra, *engine_args)]
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
                "--main_process_port", str(free_port()), str(WORKER), *arguments]
-    with open(tmp_path / "first.log", "w") as log:
-        launcher = subprocess.Popen(command, env=environment(llava_setup / "cache"), stdout=log,
-                                    stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + TIMEOUT
-        mid_save = False
-        while launcher.poll() is None and time.monotonic() < deadline:
-            folders = list(out.glob("checkpoint-*"))
-            recorded = [f for f in folders if (f / CHECKPOINT_RECORD).is_file()]
-            mid_save = bool(recorded) and len(recorded) < len(folders)
-            if mid_save or len(recorded) >= 2:
-                break
-            time.sleep(0.005)
-        running = launcher.poll() is None
-        kill_run(launcher)
-    assert running, "the run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:]
+
+    def ready() -> bool:  # a checkpoint is being written (a folder without its record), or two are whole
+        folders = list(out.glob("checkpoint-*"))
+        recorded = [f for f in folders if (f / CHECKPOINT_RECORD).is_file()]
+        return bool(recorded) and len(recorded) < len(folders) or len(recorded) >= 2
+
+    launch_and_kill(command, llava_setup / "cache", tmp_path / "first.log", ready)
     assert not (out / "model.safetensors").exists()
     left = sorted(f.name for f in out.glob("checkpoint-*"))
     partial = [name for name in left if not (out / name / CHECKPOINT_RECORD).is_file()]
-    print(f"{engine}: killed with {left} on disk, not recorded: {partial} (mid-save: {mid_save})")
+    print(f"{engine}: killed with {left} on disk, not recorded: {partial}")
 
     output = launch_two(launch, [*arguments, "--resume"], llava_setup / "cache")
     for name in partial:
