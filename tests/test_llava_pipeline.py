@@ -25,7 +25,8 @@ from clipmoe_vlm.data.tokenizer import build_local_tokenizer
 from clipmoe_vlm.llava import build_llava
 from clipmoe_vlm.llava.inference import answer_questions, build_prompt
 from clipmoe_vlm.llava.lora import QUANT_SKIP_MODULES, apply_lora, load_lora_llava, merge_lora, save_lora
-from clipmoe_vlm.llava.trainable import configure_trainable, trainable_parameter_names
+from clipmoe_vlm.llava.trainable import configure_trainable, tower_layers_in_use, trainable_parameter_names
+from clipmoe_vlm.modeling_clip_moe import tower_aux_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle is left of a blue square", "what color is the circle?", "the circle is red",
@@ -164,9 +165,22 @@ def test_trainable_sets_per_stage(llava_dir):
     assert configure_trainable(model, "pretrain") == projector
     assert trainable_parameter_names(model) == projector
     assert configure_trainable(model, "finetune") == sorted(projector + lm)
-    assert configure_trainable(model, "pretrain", train_router=True) == sorted(projector + routers)
+    # LLaVA-1.5 reads the penultimate layer's output: the last layer's routers and experts would get no gradient
+    assert model.config.vision_feature_layer == -2 and tower_layers_in_use(model.config) == 2
+    in_use = [n for n in routers + experts if ".layers.2." not in n]
+    assert len(in_use) == 2 + 2 * 4
+    assert configure_trainable(model, "pretrain", train_router=True) == sorted(
+        projector + [n for n in routers if n in in_use])
     assert configure_trainable(model, "finetune", train_router=True, train_experts=True) == sorted(
-        projector + lm + routers + experts)
+        projector + lm + in_use)
+    model.config.vision_feature_layer = -1  # the last layer's output: every layer is in use
+    assert configure_trainable(model, "pretrain", train_router=True, train_experts=True) == sorted(
+        projector + routers + experts)
+    model.config.vision_feature_layer = 0  # the embeddings: no MoE layer is in use
+    with pytest.raises(ValueError, match=r"--train-router: the vision tower's MoE layers all come after the layer "
+                                         r"the projector reads \(--vision-feature-layer 0\)"):
+        configure_trainable(model, "finetune", train_router=True)
+    model.config.vision_feature_layer = -2
     with pytest.raises(ValueError, match="LoRA applies to the finetune stage"):
         configure_trainable(model, "pretrain", lora=True)
 
@@ -207,6 +221,15 @@ def test_text_only_batch_uses_tower_and_projector_without_routing_stats(llava_di
     trainer.compute_loss(model, {**inputs, "labels": labels}).backward()
     assert len(trainer._running["aux_loss"]) == 1 and trainer._running["aux_loss"][0] > 0
     assert model.model.vision_tower.encoder.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    # the router losses cover the layers whose output the projector reads (not the last: vision_feature_layer -2)
+    layers = model.model.vision_tower.encoder.layers
+    assert not layers[2].mlp.gate.weight.requires_grad and layers[2].mlp.gate.weight.grad is None
+    with torch.no_grad():
+        tower_out = model.model.vision_tower(inputs["pixel_values"], output_router_logits=True)
+    assert len(tower_out.router_logits) == 3
+    expected = tower_aux_loss(tower_out.router_logits[:2], model.model.vision_tower.config)
+    assert trainer._running["aux_loss"][0] == pytest.approx(float(expected), rel=1e-5)
+    assert float(tower_out.aux_loss) != pytest.approx(float(expected), rel=1e-3)  # the last layer's part differs
 
 
 def test_router_training_on_dense_tower_is_an_error(tmp_path):

@@ -453,9 +453,12 @@ LLAVA_ENGINES = {  # launch flags, training flags, a file only that engine's che
 LORA = ["--lora", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--projector-lr", "1e-3"]
 # the tower's MoE routers train too (their blocks are then no ZeRO-3 leaves); no router losses, which are each
 # process's own token statistics (as in the upcycling comparison)
-ROUTER = ["--train-router", "--router-lr", "1e-2", "--router-aux-loss-coef", "0", "--router-z-loss-coef", "0"]
+NO_ROUTER_LOSSES = ["--router-aux-loss-coef", "0", "--router-z-loss-coef", "0"]
+ROUTER = ["--train-router", "--router-lr", "1e-2", *NO_ROUTER_LOSSES]
+# the tower's experts train (with the LM and projector; the routers stay frozen)
+EXPERTS = ["--train-experts", "--expert-lr", "1e-3", *NO_ROUTER_LOSSES]
 # stage 1 (the projector alone, the plain template) as LLaVA-1.5 runs it under ZeRO-2
-LLAVA_MODES = {"full": [], "lora": LORA, "router": ROUTER, "pretrain": ["--stage", "pretrain"]}
+LLAVA_MODES = {"full": [], "lora": LORA, "router": ROUTER, "experts": EXPERTS, "pretrain": ["--stage", "pretrain"]}
 
 
 @pytest.fixture(scope="module")
@@ -563,6 +566,10 @@ def test_llava_two_processes_match_one(engine, mode, llava_setup, llava_by_one, 
         assert max_change(saved, start, saved) > 1e-3
         if mode == "router":
             assert max_change(saved, start, [k for k in saved if k.endswith(".mlp.gate.weight")]) > 1e-3
+        if mode == "experts":
+            experts = [k for k in saved if ".mlp.experts." in k]
+            assert experts and max_change(saved, start, experts) > 1e-3
+            assert max_change(saved, start, [k for k in saved if k.endswith(".mlp.gate.weight")]) == 0
         if mode == "pretrain":  # the projector alone moved
             projector = [k for k in saved if "multi_modal_projector" in k]
             assert projector and max_change(saved, start, projector) > 1e-3

@@ -17,6 +17,7 @@ __all__ = [
     "configure_trainable",
     "parameter_group_of",
     "summarize_trainable",
+    "tower_layers_in_use",
     "trainable_parameter_names",
 ]
 
@@ -28,6 +29,7 @@ LM_LORA_TARGETS = (r"(.*\.)?model\.language_model\..*\.(q_proj|k_proj|v_proj|o_p
 _PROJECTOR = re.compile(r"(^|\.)model\.multi_modal_projector\.")
 _ROUTER = re.compile(r"(^|\.)model\.vision_tower\..*\.mlp\.gate\.weight$")
 _EXPERTS = re.compile(r"(^|\.)model\.vision_tower\..*\.mlp\.experts\.")
+_TOWER_LAYER = re.compile(r"(^|\.)model\.vision_tower\..*\.layers\.(\d+)\.")
 _LM = re.compile(r"(^|\.)(model\.language_model\.|lm_head\.)")
 _LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
@@ -48,6 +50,21 @@ def parameter_group_of(name: str) -> str:
     return "vision_tower"
 
 
+def tower_layers_in_use(config: Any) -> int | None:
+    """How many of the vision tower's layers, from the first, compute the features the projector reads (None when
+    ``config``, a LLaVA config, does not say). LLaVA-1.5 reads the penultimate layer's output
+    (``vision_feature_layer -2``): the last layer runs, but nothing depends on it, so its routers and experts get no
+    gradient and its routing statistics say nothing about the features used."""
+    selected = getattr(config, "vision_feature_layer", None)
+    vision = getattr(config, "vision_config", None)
+    if selected is None or vision is None:
+        return None
+    layers = vision.num_hidden_layers
+    # hidden_states[i] is the output of layer i - 1 (hidden_states[0]: the embeddings)
+    return max(index if index >= 0 else layers + 1 + index
+               for index in (selected if isinstance(selected, (list, tuple)) else [selected]))
+
+
 def configure_trainable(model: nn.Module, stage: str, *, lora: bool = False, train_router: bool = False,
                         train_experts: bool = False) -> list[str]:
     """Set ``requires_grad`` for a stage and return the sorted names of the trainable parameters.
@@ -56,7 +73,8 @@ def configure_trainable(model: nn.Module, stage: str, *, lora: bool = False, tra
     - ``finetune``: projector + language model (embeddings, layers, norm, ``lm_head``);
     - ``finetune`` with ``lora=True`` (the model already peft-wrapped): projector + the LoRA matrices (the base
       LM stays frozen);
-    - ``train_router`` / ``train_experts`` (any stage) add the vision tower's MoE routers / experts.
+    - ``train_router`` / ``train_experts`` (any stage) add the vision tower's MoE routers / experts, in the layers
+      whose output reaches the projector (`tower_layers_in_use`; the others would get no gradient).
 
     Everything else, the rest of the vision tower included, is frozen (``requires_grad=False``; nothing is
     wrapped in ``no_grad``, so gradients still flow through a frozen tower to trainable routers).
@@ -76,20 +94,27 @@ def configure_trainable(model: nn.Module, stage: str, *, lora: bool = False, tra
         wanted.add("router")
     if train_experts:
         wanted.add("experts")
+    in_use = tower_layers_in_use(getattr(model, "config", None))
     names = []
-    groups_seen = set()
+    groups_seen, groups_trained = set(), set()
     for name, parameter in model.named_parameters():
         group = parameter_group_of(name)
         groups_seen.add(group)
         train = group in wanted
         if train and not parameter.is_floating_point():  # quantized weights
             train = False
+        if train and group in ("router", "experts") and in_use is not None:
+            train = int(_TOWER_LAYER.search(name).group(2)) < in_use
         parameter.requires_grad_(train)
         if train:
             names.append(name)
+            groups_trained.add(group)
     for needed, flag in (("router", "train_router"), ("experts", "train_experts")):
         if needed in wanted and needed not in groups_seen:
             raise ValueError(f"--{flag.replace('_', '-')}: the vision tower has no MoE {needed} parameters")
+        if needed in wanted and needed not in groups_trained:
+            raise ValueError(f"--{flag.replace('_', '-')}: the vision tower's MoE layers all come after the layer "
+                             f"the projector reads (--vision-feature-layer {model.config.vision_feature_layer})")
     if lora and "lora" not in groups_seen:
         raise ValueError("lora=True but the model has no LoRA parameters (wrap it with peft first)")
     return sorted(names)

@@ -29,9 +29,10 @@ from ..data.llava_batching import ModalityLengthGroupedSampler
 # The dependency runs one way, trainer -> lora -> trainable: lora never imports this module (it would pull in the
 # Trainer machinery, which merging an adapter does not need).
 from ..distributed import sharded_engine
+from ..modeling_clip_moe import tower_aux_loss
 from .lora import NON_LORA_FILE, non_lora_state, save_lora
 from .run_folder import write_checkpoint_record
-from .trainable import parameter_group_of
+from .trainable import parameter_group_of, tower_layers_in_use
 
 __all__ = ["LlavaTrainer", "llava_core", "mark_zero3_leaf_blocks"]
 
@@ -90,6 +91,19 @@ def _non_lora_trainables(peft_model: nn.Module, state_dict: dict | None) -> dict
     names = {name for name, parameter in peft_model.named_parameters()
              if parameter.requires_grad and ".lora_" not in name}
     return {name.removeprefix("base_model.model."): state_dict[name].detach().cpu().contiguous() for name in names}
+
+
+def _router_losses_in_use(features, tower_config, in_use: int | None):
+    """The tower's weighted router losses (its config's coefficients) over the MoE layers whose output reaches the
+    projector: the statistics of a layer nothing reads (LLaVA-1.5's last) would only push the layers before it to
+    balance routing there."""
+    logits = getattr(features, "router_logits", None)  # one per MoE layer, in layer order
+    if not logits:
+        return None
+    if in_use is not None:
+        logits = tuple(layer_logits for layer_logits, layer in zip(logits, tower_config.moe_layer_indices())
+                       if layer < in_use)
+    return tower_aux_loss(logits, tower_config)
 
 
 class LlavaTrainer(Trainer):
@@ -185,7 +199,7 @@ class LlavaTrainer(Trainer):
         loss = lm_loss
         aux = None
         if routed and not dummy:
-            aux = getattr(features, "aux_loss", None)  # the tower's router losses, weighted by its config
+            aux = _router_losses_in_use(features, tower.config, tower_layers_in_use(core.config))
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
         if model.training:
