@@ -463,7 +463,8 @@ LLAVA_MODES = {"full": [], "lora": LORA, "router": ROUTER, "experts": EXPERTS, "
 
 @pytest.fixture(scope="module")
 def llava_setup(tmp_path_factory) -> Path:
-    """16 one-word colour questions on small images, and a tiny LLaVA folder (CLIP-MoE tower, 2-layer Llama)."""
+    """16 one-word colour questions on small images (stage 2: 4 of them text-only), and a tiny LLaVA folder
+    (CLIP-MoE tower, 2-layer Llama)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
     import clipmoe_vlm  # noqa: F401
@@ -484,8 +485,12 @@ def llava_setup(tmp_path_factory) -> Path:
         image.save(root / "img" / f"{i}.png")
         records.append({"id": str(i), "image": f"img/{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": colour}]})
+    (root / "captions.json").write_text(json.dumps(records))  # stage 1: an image in every sample
+    for record in records[12:]:  # stage 2 mixes in text-only samples (a dummy image runs through the tower)
+        del record["image"]
+        record["conversations"][0]["value"] = "Name a color."
     (root / "data.json").write_text(json.dumps(records))
-    tokenizer = build_local_tokenizer(["What color is the shape?", *COLOURS] * 20, vocab_size=300)
+    tokenizer = build_local_tokenizer(["What color is the shape?", "Name a color.", *COLOURS] * 20, vocab_size=300)
     # equal answer lengths: the mean of per-process mean losses is then the one-process mean
     assert {len(tokenizer(c, add_special_tokens=False).input_ids) for c in COLOURS} == {1}
     torch.manual_seed(0)
@@ -506,7 +511,8 @@ def llava_setup(tmp_path_factory) -> Path:
 
 
 def llava_args(setup: Path, out: Path, batch: int, *extra: str) -> list[str]:
-    return ["--stage", "finetune", "--model", str(setup / "llava"), "--data-path", str(setup / "data.json"),
+    data = "captions.json" if "pretrain" in extra else "data.json"
+    return ["--stage", "finetune", "--model", str(setup / "llava"), "--data-path", str(setup / data),
             "--image-folder", str(setup), "--per-device-train-batch-size", str(batch), "--num-train-epochs", "2",
             "--learning-rate", "1e-3", "--warmup-ratio", "0", "--logging-steps", "1", "--save-steps", "2",
             "--save-total-limit", "2",
@@ -594,6 +600,32 @@ def test_llava_two_processes_match_one(engine, mode, llava_setup, llava_by_one, 
     for name in ("model.safetensors",) if mode != "lora" else ("adapter_model.safetensors",
                                                                "non_lora_trainables.safetensors"):
         assert_same_tensors(load_file(resumed / name), load_file(one / name), weights_atol, f"resumed {name}")
+
+
+@pytest.mark.slow
+def test_llava_router_losses_engines_equal_ddp(llava_setup, tmp_path):
+    """With the tower's router losses on (its config's coefficients), two processes cannot equal one (each balances
+    its own tokens), but FSDP2, ZeRO-2 and ZeRO-3 give what two DDP processes give: loss per step within 1e-6,
+    weights within 1e-6."""
+    needs_deepspeed()
+    router = ["--train-router", "--router-lr", "1e-2"]
+    runs = {}
+    for engine, (launch, engine_args, _) in LLAVA_ENGINES.items():
+        out = tmp_path / engine
+        launch_two(launch, ["llava", *llava_args(llava_setup, out, 4, *router, *engine_args)], llava_setup / "cache")
+        runs[engine] = out
+    reference = llava_history(runs["ddp"])
+    assert len(reference) == 4
+    aux = [e["aux_loss"] for e in json.loads((runs["ddp"] / "checkpoint-4" / "trainer_state.json").read_text())
+           ["log_history"] if "aux_loss" in e]
+    assert aux and min(aux) > 0  # the router losses were on
+    ddp = load_file(runs["ddp"] / "model.safetensors")
+    start = load_file(llava_setup / "llava" / "model.safetensors")
+    assert max_change(ddp, start, [k for k in ddp if k.endswith(".mlp.gate.weight")]) > 1e-3
+    for engine in ("fsdp2", "zero2", "zero3"):
+        for (step, loss), (_, expected) in zip(llava_history(runs[engine]), reference, strict=True):
+            assert loss == pytest.approx(expected, abs=1e-6), (engine, step)
+        assert_same_tensors(load_file(runs[engine] / "model.safetensors"), ddp, 1e-6, engine)
 
 
 @pytest.mark.slow
