@@ -316,6 +316,42 @@ def test_upcycling_engines_equal_ddp_with_load_balancing(upcycle_data, tmp_path)
         assert_same_tensors(load_file(out / "model.safetensors"), reference, 1e-6, engine)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["clip-up", "dense"])
+def test_other_recipes_under_the_sharded_engines_equal_ddp(recipe, upcycle_data, tmp_path):
+    """The clip-up recipe (experts and routers of a sparse upcycle train, with load balancing) and the dense baseline
+    (the FFNs) under FSDP2 and ZeRO-3 give what two DDP processes give: losses per step and every final weight
+    within 1e-6; the trained weights moved by more than 1e-4."""
+    needs_deepspeed()
+    extra = ["--recipe", recipe, "--clipup-lr", "1e-3", "--dense-lr", "1e-3"]
+    ddp = tmp_path / "ddp"
+    launch_two(PLAIN_LAUNCH, ["upcycle", "--data", str(upcycle_data / "pairs.jsonl"), "--output", str(ddp),
+                              "--batch-size", "4", *UPCYCLE, *extra], upcycle_data / "cache")
+    reference = load_file(ddp / "model.safetensors")
+    lines = metrics(ddp)
+    assert [r["stage"] for r in lines if "step" in r] == [recipe] * 4
+    from clipmoe_vlm.loading import load_clip
+    from upcycle import sparse_upcycle
+
+    base = load_clip("tiny-random", seed=0)
+    if recipe == "clip-up":
+        assert all(r["aux_loss"] > 0 for r in lines if "step" in r)  # load balancing on
+        torch.manual_seed(0)  # the recipe's router initialisation
+        start = sparse_upcycle(base, 2, 2).state_dict()
+        assert max_change(reference, start, [k for k in reference if ".mlp.experts." in k]) > 1e-4
+        assert max_change(reference, start, [k for k in reference if k.endswith(".mlp.gate.weight")]) > 1e-4
+    else:
+        start = base.state_dict()
+        assert max_change(reference, start, [k for k in reference if ".mlp.fc" in k]) > 1e-4
+    for engine in ("fsdp2", "zero3"):
+        out = tmp_path / engine
+        upcycle_two(upcycle_data, out, engine, *extra)
+        for a, b in zip(lines, metrics(out), strict=True):
+            for key in ("clip_loss", "aux_loss"):
+                assert b.get(key) == pytest.approx(a.get(key), abs=1e-6), (engine, b.get("step"), key)
+        assert_same_tensors(load_file(out / "model.safetensors"), reference, 1e-6, f"{recipe} under {engine}")
+
+
 # ---------------------------------------------------------------------------- engine helpers (no processes)
 
 
