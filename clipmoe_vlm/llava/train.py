@@ -22,6 +22,7 @@ Outputs (``--output-dir``): a standard LLaVA folder (model, processor, README.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shutil
@@ -240,8 +241,30 @@ def _tiny_language_model(cfg: LlavaTrainConfig, vocab_size: int):
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 
-def _build_model(cfg: LlavaTrainConfig):
-    """Model + processor: from a LLaVA folder (``--model``) or built from tower + LM (+ pretrained projector)."""
+@contextlib.contextmanager
+def _whole_models(args):
+    """Models built inside are whole, also under DeepSpeed ZeRO-3. While a ZeRO-3 config is registered, transformers
+    builds every model partitioned, and CLIP's weight initialisation then fails on its position ids ("Cannot copy
+    out of meta tensor"). A model built from parts is therefore built whole, on every process (one full copy each
+    until the Trainer hands it to DeepSpeed, which partitions it); a LLaVA folder (``--model``) still loads
+    partitioned."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    config = getattr(args, "hf_deepspeed_config", None)
+    if config is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
+
+
+def _build_model(cfg: LlavaTrainConfig, args=None):
+    """Model + processor: from a LLaVA folder (``--model``) or built from tower + LM (+ pretrained projector);
+    ``args``: the run's TrainingArguments (see `_whole_models`)."""
     if cfg.modeling.model is not None:
         model_dir = Path(cfg.modeling.model)
         if not (model_dir / "config.json").is_file():
@@ -280,9 +303,10 @@ def _build_model(cfg: LlavaTrainConfig):
         language_model = cfg.modeling.language_model
         tokenizer = cfg.modeling.tokenizer or cfg.modeling.language_model
     torch.manual_seed(cfg.optim.seed)
-    return build_llava(str(tower), language_model, tokenizer, projector=cfg.modeling.projector,
-                       vision_feature_layer=cfg.modeling.vision_feature_layer, image_aspect_ratio=cfg.data.image_aspect_ratio,
-                       template="vicuna_v1", dtype=dtype)
+    with _whole_models(args):
+        return build_llava(str(tower), language_model, tokenizer, projector=cfg.modeling.projector,
+                           vision_feature_layer=cfg.modeling.vision_feature_layer,
+                           image_aspect_ratio=cfg.data.image_aspect_ratio, template="vicuna_v1", dtype=dtype)
 
 
 def _device_for_quantized() -> str:
@@ -431,7 +455,7 @@ def run(config: LlavaTrainConfig) -> TrainResult:
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     data_sha256 = _take_output_dir(cfg)
-    model, processor = _build_model(cfg)
+    model, processor = _build_model(cfg, args)
     _set_router_losses(model, cfg)
     if cfg.modeling.experts_implementation is not None:
         set_tower_experts_implementation(model, cfg.modeling.experts_implementation)
