@@ -640,13 +640,14 @@ def test_llava_two_processes_match_one(engine, mode, llava_setup, llava_by_one, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_llava_built_from_parts_under_zero3(mode, llava_setup, tmp_path):
-    """Without --model the LLaVA is built from a tower folder and the tiny Llama. Under ZeRO-3 it is built whole
-    (transformers' partitioned build failed in CLIP's weight initialisation) and DeepSpeed partitions it: two
-    processes equal one (loss per step and weights within 1e-5), the LoRA run's base/ folder included (equal)."""
+@pytest.mark.parametrize(("engine", "mode"), [("zero3", "full"), ("zero3", "lora"), ("zero2", "pretrain")])
+def test_llava_built_from_parts(engine, mode, llava_setup, tmp_path):
+    """Without --model the LLaVA is built from a tower folder and the tiny Llama, as LLaVA-1.5's stage 1 is (under
+    ZeRO-2). Under ZeRO-3 it is built whole (transformers' partitioned build failed in CLIP's weight
+    initialisation) and DeepSpeed partitions it. Two processes equal one: loss per step within 1e-5, weights within
+    1e-5 (stage 1: 1e-4, see the comparison above), the LoRA run's base/ folder equal."""
     needs_deepspeed()
-    launch, engine_args, _ = LLAVA_ENGINES["zero3"]
+    launch, engine_args, _ = LLAVA_ENGINES[engine]
     parts = ["--model", "none", "--vision-tower", str(llava_setup / "tower"), *LLAVA_MODES[mode]]
     one, two = tmp_path / "one", tmp_path / "two"
     run_checked([sys.executable, str(ROOT / "scripts" / "train_llava.py"), *llava_args(llava_setup, one, 8, *parts)],
@@ -656,10 +657,10 @@ def test_llava_built_from_parts_under_zero3(mode, llava_setup, tmp_path):
     assert [s for s, _ in history] == [s for s, _ in reference] == [1, 2, 3, 4]
     for (step, loss), (_, expected) in zip(history, reference):
         assert loss == pytest.approx(expected, abs=1e-5), step
-    names = ["model.safetensors"] if mode == "full" else ["adapter_model.safetensors",
-                                                           "non_lora_trainables.safetensors"]
+    names = ["adapter_model.safetensors", "non_lora_trainables.safetensors"] if mode == "lora" else \
+        ["model.safetensors"]
     for name in names:
-        assert_same_tensors(load_file(two / name), load_file(one / name), 1e-5, name)
+        assert_same_tensors(load_file(two / name), load_file(one / name), 1e-4 if mode == "pretrain" else 1e-5, name)
     if mode == "lora":  # the base the adapter applies to, saved whole by the main process
         assert_same_tensors(load_file(two / "base" / "model.safetensors"),
                             load_file(one / "base" / "model.safetensors"), 0, "base")
