@@ -412,6 +412,7 @@ def _data_report(dataset: LlavaDataset, examples: int = 3) -> list[str]:
 def run(config: LlavaTrainConfig) -> TrainResult:
     """Train one stage as configured and save the result; returns where it went."""
     from transformers import TrainingArguments
+
     from .trainable import configure_trainable, summarize_trainable
     from .trainer import LlavaTrainer
 

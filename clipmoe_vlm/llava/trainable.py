@@ -103,8 +103,9 @@ def configure_trainable(model: nn.Module, stage: str, *, lora: bool = False, tra
         train = group in wanted
         if train and not parameter.is_floating_point():  # quantized weights
             train = False
-        if train and group in ("router", "experts") and in_use is not None:
-            train = int(_TOWER_LAYER.search(name).group(2)) < in_use
+        layer = _TOWER_LAYER.search(name) if group in ("router", "experts") else None
+        if train and layer and in_use is not None:
+            train = int(layer.group(2)) < in_use
         parameter.requires_grad_(train)
         if train:
             names.append(name)

@@ -25,11 +25,11 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 
 from ..data.llava_batching import ModalityLengthGroupedSampler
+from ..distributed import sharded_engine
+from ..modeling_clip_moe import tower_aux_loss
 
 # The dependency runs one way, trainer -> lora -> trainable: lora never imports this module (it would pull in the
 # Trainer machinery, which merging an adapter does not need).
-from ..distributed import sharded_engine
-from ..modeling_clip_moe import tower_aux_loss
 from .lora import NON_LORA_FILE, non_lora_state, save_lora
 from .run_folder import write_checkpoint_record
 from .trainable import parameter_group_of, tower_layers_in_use
