@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from clipmoe_vlm.defaults import base_dir, ensure_world
+from clipmoe_vlm.files import atomic_write_text
 from clipmoe_vlm.loading import tiny_clip_config
 
 from .config import UpcycleConfig
-from .engine import atomic_write_text, embed_pairs, paired_recall
+from .engine import embed_pairs, paired_recall
 from .recipes import decode_once, make_engine, run_upcycling, stage, validation_split
 
 __all__ = ["PLATEAU_POINTS", "RECIPE_RATES", "convergence_text", "evaluate_on_world", "pretrain_shapes_base",

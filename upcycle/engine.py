@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from clipmoe_vlm.distributed import describe_launch, sharded_engine
+from clipmoe_vlm.files import atomic_write_text
 from clipmoe_vlm.losses import expert_load
 
 from .contrastive import clip_contrastive_loss, gather_rows, gather_with_grad
 from .mcl import ClusterBatchSampler
 from .trainable import set_trainable
 
-__all__ = ["StageSpec", "Engine", "MetricsLog", "StopRequested", "atomic_write_text", "embed_pairs", "load_weights",
+__all__ = ["StageSpec", "Engine", "MetricsLog", "StopRequested", "embed_pairs", "load_weights",
            "paired_recall", "skip_together"]
 
 
@@ -80,13 +81,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the new."""
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_weights(model, path: Path) -> None:

@@ -32,12 +32,13 @@ import yaml
 from clipmoe_vlm import CLIPMoEModel
 from clipmoe_vlm.convert import sparse_upcycle, stretch_text_positions
 from clipmoe_vlm.defaults import cache_dir
+from clipmoe_vlm.files import atomic_write_text
 from clipmoe_vlm.loading import load_clip
 from clipmoe_vlm.run_config import changed_settings, read_saved_settings, refuse_changed_settings
 
 from .config import NEUTRAL_SETTINGS, UpcycleConfig
 from .diagnostics import expert_diversity, stage_table
-from .engine import Engine, MetricsLog, StageSpec, atomic_write_text, embed_pairs, paired_recall
+from .engine import Engine, MetricsLog, StageSpec, embed_pairs, paired_recall
 from .mcl import UNREADABLE, accumulate_labels, kmeans_labels
 
 __all__ = ["check_output_folder", "decode_once", "make_engine", "run_inputs", "run_upcycling", "stage",

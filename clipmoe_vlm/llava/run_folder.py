@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
 import zipfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from ..distributed import describe_launch
+from ..files import atomic_write_text
 from ..run_config import changed_settings, read_saved_settings, refuse_changed_settings
 
 __all__ = ["CHECKPOINT_RECORD", "NEUTRAL_SETTINGS", "SETTINGS_FILE", "check_checkpoint", "check_output_dir",
@@ -122,10 +122,7 @@ def clear_run_files(out: Path, checkpoints_only: bool = False) -> None:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    """Through a temporary file: a kill leaves the old file or the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 def write_checkpoint_record(folder: Path, step: int, engine: str | None, processes: int) -> None:
